@@ -1,0 +1,1 @@
+"""Checkpoints: storage seam, serialization, manifest, commit protocol, catalog, retention."""

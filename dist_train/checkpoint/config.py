@@ -1,0 +1,35 @@
+"""Configuration of the run dir, checkpoint cadence, retention and resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_train.config.fields import option, positive
+
+
+def _resume(value: str) -> str | None:
+    if value in ("auto", "never") or "/" in value or ":" in value:
+        return None
+    return "must be auto, never, or a checkpoint URL"
+
+
+@dataclass
+class CheckpointConfig:
+    run_dir: str = option("runs/default", "where checkpoints and metrics go: a path, file://, s3://bucket/prefix "
+                          "or any fsspec URL", kind=str)
+    storage_options: dict = option({}, "JSON object passed to the fsspec filesystem (e.g. endpoint_url)",
+                                   kind="json", secret=True)
+    checkpoint_every: int | None = option(None, "commit a checkpoint every N optimizer steps (also at each "
+                                          "epoch end and at the end)", kind=int, nullable=True, check=positive)
+    keep_last: int | None = option(None, "keep only the newest N committed checkpoints", kind=int,
+                                   nullable=True, check=positive)
+    keep_best: int | None = option(None, "also keep the N checkpoints with the lowest validation loss",
+                                   kind=int, nullable=True, check=positive)
+    keep_every: int | None = option(None, "also keep every checkpoint whose step is a multiple of N",
+                                    kind=int, nullable=True, check=positive)
+    resume: str = option("auto", "auto: newest valid checkpoint in the run dir; never; or a checkpoint URL",
+                         kind=str, check=_resume)
+    async_checkpoint: bool = option(False, "write checkpoints in the background while training goes on",
+                                    kind=bool)
+    verify: str = option("sha256", "how resume checks a checkpoint before loading it", kind=str,
+                         choices=("sha256", "size"))

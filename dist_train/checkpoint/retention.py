@@ -1,0 +1,65 @@
+"""Retention: which committed checkpoints to keep, and deleting the rest safely.
+
+Old checkpoints go only after a newer one is committed; the newest valid one is
+never deleted; a deletion removes the manifest first, so a half-deleted folder is
+never mistaken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.catalog import CheckpointRef
+from dist_train.checkpoint.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_last: int | None = None
+    keep_best: int | None = None
+    keep_every: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.keep_last is not None
+
+
+def plan(committed: list[CheckpointRef], policy: RetentionPolicy,
+         val_loss: Callable[[CheckpointRef], float | None]) -> list[CheckpointRef]:
+    """The committed checkpoints to delete (oldest first). `committed` is oldest first."""
+    if not policy.active or not committed:
+        return []
+    ordered = sorted(committed)
+    keep = set(ordered[-policy.keep_last:])
+    keep.add(ordered[-1])
+    if policy.keep_every:
+        keep.update(ref for ref in ordered if ref.step % policy.keep_every == 0)
+    if policy.keep_best:
+        scored = [(loss, ref) for ref in ordered if (loss := val_loss(ref)) is not None]
+        keep.update(ref for _, ref in sorted(scored, key=lambda pair: (pair[0], pair[1]))[:policy.keep_best])
+    return [ref for ref in ordered if ref not in keep]
+
+
+def delete_checkpoint(storage: Storage, ref: CheckpointRef) -> None:
+    """Manifest first (the checkpoint stops being valid), then its files, then the folder."""
+    folder = storage.child(ref.name)
+    folder.delete(mf.MANIFEST)
+    storage.sync_dir(ref.name) if storage.is_local else None
+    for entry in folder.list(""):
+        if entry.is_dir:
+            folder.delete_tree(entry.name)
+        else:
+            folder.delete(entry.name)
+    storage.delete_tree(ref.name)
+
+
+def val_loss_of(manifest: dict[str, Any] | None) -> float | None:
+    if not manifest:
+        return None
+    value = (manifest.get("metrics") or {}).get("val_loss")
+    return float(value) if isinstance(value, (int, float)) else None

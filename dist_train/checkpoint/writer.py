@@ -1,0 +1,169 @@
+"""The commit protocol: data first, manifest last; a crash at any point leaves nothing that looks valid.
+
+Local disk: stage in `.staging-<name>-<id>` beside the checkpoints (a name no
+listing takes for a checkpoint), write and fsync every file, the manifest last,
+rename the folder into place and fsync the run dir.
+
+Object stores (no rename): upload the data objects, then create the manifest with
+one conditional PUT. If a retried create finds a manifest already there, it is
+ours only when its writer id is ours; anything else is a conflict.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.catalog import STAGING_PREFIX, checkpoint_name
+from dist_train.checkpoint.fencing import AttemptRegistry
+from dist_train.checkpoint.serialization import TensorFile
+from dist_train.checkpoint.storage import Storage
+from dist_train.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+
+class CommitConflict(StorageError):
+    """Another writer committed a different manifest at the same name."""
+
+
+@dataclass(frozen=True)
+class Committed:
+    name: str
+    url: str
+    manifest: dict[str, Any]
+
+
+def _payload(content: TensorFile | bytes) -> tuple[int, Iterable[Any]]:
+    if isinstance(content, TensorFile):
+        return content.size, content.chunks()
+    return len(content), [content]
+
+
+def _hashing(chunks: Iterable[Any], digest: "hashlib._Hash", pool: concurrent.futures.Executor,
+             pending: list) -> Iterator[Any]:
+    """Pass chunks through while one helper thread hashes them in order (hashlib drops the GIL)."""
+    for chunk in chunks:
+        pending.append(pool.submit(digest.update, chunk))
+        if len(pending) > 64:
+            pending.pop(0).result()
+        yield chunk
+
+
+class CheckpointWriter:
+    def __init__(self, storage: Storage, generation: int, writer_id: str, registry: AttemptRegistry | None):
+        self.storage = storage
+        self.generation = generation
+        self.writer_id = writer_id
+        self.registry = registry
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
+
+    def _write_file(self, rel: str, content: TensorFile | bytes) -> dict[str, Any]:
+        size, chunks = _payload(content)
+        digest = hashlib.sha256()
+        pending: list = []
+        self.storage.write(rel, _hashing(chunks, digest, self._hash_pool, pending), size)
+        for future in pending:
+            future.result()
+        return {"size": size, "sha256": digest.hexdigest()}
+
+    def commit(self, step: int, files: dict[str, TensorFile | bytes], fields: dict[str, Any]) -> Committed:
+        """Write `files` and commit them under a manifest holding `fields` plus the file table."""
+        name = checkpoint_name(self.generation, step)
+        for rel in files:
+            if not mf.safe_relative_name(rel):
+                raise ValueError(f"unsafe checkpoint file name {rel!r}")
+        if self.storage.is_local:
+            return self._commit_by_rename(name, step, files, fields)
+        return self._commit_by_conditional_put(name, step, files, fields)
+
+    def _manifest(self, step: int, table: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        manifest = dict(fields)
+        manifest.update({"format_version": mf.FORMAT_VERSION, "step": step, "files": table,
+                         "writer_id": self.writer_id, "generation": self.generation,
+                         "created_at": mf.utc_now()})
+        return manifest
+
+    def _commit_by_rename(self, name: str, step: int, files: dict[str, Any], fields: dict[str, Any]) -> Committed:
+        staging = f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.storage.makedirs(staging)
+            table = {rel: self._write_file(f"{staging}/{rel}", content) for rel, content in files.items()}
+            manifest = self._manifest(step, table, fields)
+            self.storage.write_bytes(f"{staging}/{mf.MANIFEST}", mf.encode(manifest))
+            self.storage.sync_dir(staging)
+            if self.registry:
+                self.registry.check_current(self.generation)
+            self.storage.rename(staging, name)
+        except BaseException:
+            self._discard(staging)
+            raise
+        self.storage.sync_dir("")
+        return Committed(name, self.storage.url(name), manifest)
+
+    def _commit_by_conditional_put(self, name: str, step: int, files: dict[str, Any],
+                                   fields: dict[str, Any]) -> Committed:
+        manifest_rel = f"{name}/{mf.MANIFEST}"
+        attempted_manifest = False
+        try:
+            table = {rel: self._write_file(f"{name}/{rel}", content) for rel, content in files.items()}
+            manifest = self._manifest(step, table, fields)
+            if self.registry:
+                self.registry.check_current(self.generation)
+            attempted_manifest = True
+            if not self.storage.create_exclusive(manifest_rel, mf.encode(manifest)):
+                existing = self._read_existing(manifest_rel)
+                if existing is None or existing.get("writer_id") != self.writer_id or \
+                        existing.get("files") != table:
+                    attempted_manifest = False  # not ours: our data objects may go
+                    raise CommitConflict(f"{self.storage.url(name)} was committed by another writer")
+                log.info("manifest create was retried after it had succeeded; %s is ours", name)
+                manifest = existing
+        except BaseException:
+            if not attempted_manifest:
+                self._discard(name, keep_manifest=True)
+            raise
+        return Committed(name, self.storage.url(name), manifest)
+
+    def _read_existing(self, rel: str) -> dict[str, Any] | None:
+        try:
+            return mf.parse(self.storage.read(rel))
+        except (FileNotFoundError, mf.ManifestError):
+            return None
+
+    def _discard(self, rel: str, keep_manifest: bool = False) -> None:
+        """Best-effort removal of an uncommitted folder; what is left, the next attempt cleans."""
+        try:
+            if keep_manifest:
+                if self.storage.exists(f"{rel}/{mf.MANIFEST}"):
+                    return  # someone's committed checkpoint: never touch it
+            self.storage.delete_tree(rel)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
+            log.warning("could not clean up %s: %s", self.storage.url(rel), exc)
+
+
+def clean_stale(storage: Storage, generation: int) -> list[str]:
+    """Remove staging folders and manifest-less checkpoint folders left by older attempts."""
+    from dist_train.checkpoint.catalog import parse_name
+
+    removed = []
+    for entry in storage.list(""):
+        if not entry.is_dir:
+            continue
+        stale = False
+        if entry.name.startswith(STAGING_PREFIX):
+            ref = parse_name(entry.name[len(STAGING_PREFIX):].rsplit("-", 1)[0])
+            stale = ref is None or ref.generation < generation
+        else:
+            ref = parse_name(entry.name)
+            if ref is not None and ref.generation < generation:
+                stale = not storage.exists(f"{entry.name}/{mf.MANIFEST}")
+        if stale:
+            storage.delete_tree(entry.name)
+            removed.append(entry.name)
+    return removed

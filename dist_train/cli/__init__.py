@@ -1,0 +1,1 @@
+"""The `dist-train` command line: one sub-command per module, one exit-status policy."""

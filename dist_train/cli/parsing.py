@@ -1,0 +1,16 @@
+"""An argparse parser whose errors are `UserError`s: one line, exit status 2, no usage dump."""
+
+from __future__ import annotations
+
+import argparse
+
+from dist_train.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def subparsers(parser: argparse.ArgumentParser, dest: str):
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND", parser_class=Parser)

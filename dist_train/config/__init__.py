@@ -1,0 +1,1 @@
+"""Typed job configuration: component dataclasses composed into one `JobConfig`."""

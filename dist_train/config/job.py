@@ -1,0 +1,173 @@
+"""The job config: the components' dataclasses composed, filled from YAML and flags.
+
+Precedence: a field's default < the YAML file given by `--config` < a flag.
+Every value is coerced and checked before anything runs; the first bad one
+becomes a `UserError` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import yaml
+
+from dist_train.checkpoint.config import CheckpointConfig
+from dist_train.config.fields import allowed_choices, coerce, validate
+from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
+from dist_train.errors import UserError
+from dist_train.models.config import BACKBONES, ModelConfig
+from dist_train.training.config import OptimConfig, TrainConfig
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
+        """Nested plain dict; secret fields keep their keys but lose their values."""
+        out: dict[str, dict[str, Any]] = {}
+        for section_name, section in _sections(self):
+            values = {}
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if redact_secrets and f.metadata["secret"] and value:
+                    value = {k: "***" for k in value} if isinstance(value, dict) else "***"
+                values[f.name] = value
+            out[section_name] = values
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of what shapes the training math (not where it is stored or how it is logged)."""
+        semantic = self.to_dict()
+        semantic.pop("checkpoint")
+        for key in ("log_every", "progress", "preempt_deadline", "sample_log", "device"):
+            semantic["train"].pop(key)
+        semantic["data"].pop("num_workers")
+        semantic["data"].pop("data_root")
+        return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()
+
+
+def _sections(config: JobConfig) -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(config):
+        yield f.name, getattr(config, f.name)
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Field name -> (section, field); names are unique across sections (a flat namespace)."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section in dataclasses.fields(JobConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f.name not in index, f"config field {f.name} declared twice"
+            index[f.name] = (section.name, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (default suppressed, so we know which were given)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for key, (section, f) in FIELDS.items():
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": meta["help"]}
+        if meta["kind"] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = allowed_choices(meta)
+            kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else key.upper()
+        parser.add_argument(flag_name(key), **kwargs)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return _flatten_yaml(data, path)
+
+
+def _flatten_yaml(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """Accept flat keys (`lr: 0.1`) and the sectioned form of `--print-config` (`optim: {lr: 0.1}`)."""
+    section_names = {f.name for f in dataclasses.fields(JobConfig)}
+    flat: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key in section_names and isinstance(value, dict):
+            flat.update(_flatten_yaml(value, path))
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise UserError(f"unknown key '{raw_key}' in config file {path}")
+    return flat
+
+
+def resolve(args: argparse.Namespace) -> JobConfig:
+    """Merge defaults, the YAML file and flags into a checked `JobConfig`."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(_read_yaml(args.config))
+    values.update({key: getattr(args, key) for key in FIELDS if hasattr(args, key)})
+    config = JobConfig()
+    for key, raw in values.items():
+        section, f = FIELDS[key]
+        value, problem = coerce(raw, f.metadata)
+        problem = problem or validate(value, f.metadata)
+        if problem:
+            raise UserError(f"invalid {key} ({flag_name(key)}): {problem}, got {raw!r}")
+        setattr(getattr(config, section), key, value)
+    _check_combinations(config)
+    return config
+
+
+def _check_combinations(config: JobConfig) -> None:
+    data, model = config.data, config.model
+    if data.dataset in DATASETS_NEEDING_ROOT:
+        if not data.data_root:
+            raise UserError(f"data set {data.dataset} needs --data-root (a folder holding its files)")
+        if not data.download and not os.path.isdir(data.data_root):
+            raise UserError(f"data root not found: {data.data_root} (data set {data.dataset}; "
+                            "pass --download to fetch a torchvision data set)")
+    if data.val_fraction + data.test_fraction >= 1:
+        raise UserError("invalid val_fraction + test_fraction: together they must leave training data (< 1)")
+    if model.freeze_backbone and model.model not in BACKBONES:
+        raise UserError(f"--freeze-backbone needs a torchvision backbone ({', '.join(BACKBONES)}), "
+                        f"got model {model.model}")
+    if model.pretrained_weights is not None:
+        if model.model not in BACKBONES:
+            raise UserError(f"--pretrained-weights needs a torchvision backbone, got model {model.model}")
+        if not os.path.isfile(model.pretrained_weights):
+            raise UserError(f"pretrained weights not found: {model.pretrained_weights}")
+    if config.train.sample_log and "://" in config.train.sample_log:
+        raise UserError("invalid sample_log (--sample-log): must be a local folder")
+
+
+def dump_yaml(config: JobConfig) -> str:
+    """The resolved config as YAML, secrets redacted; loadable again with --config."""
+    return yaml.safe_dump(config.to_dict(redact_secrets=True), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: data sets (embedded, synthetic, torchvision, image folders), the resumable sampler, loaders."""

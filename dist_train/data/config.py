@@ -1,0 +1,39 @@
+"""Configuration of the data pipeline: which data set, how it is split and batched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_train.config.fields import fraction, non_negative, option, positive
+
+DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "image_folder")
+DATASETS_NEEDING_ROOT = ("mnist", "fashion_mnist", "cifar10", "image_folder")
+
+
+def _shape(value: str) -> str | None:
+    parts = value.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return "must be C,H,W with three positive whole numbers, e.g. 3,32,32"
+    return None
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("digits", "data set; digits is embedded (no download, no data root)",
+                          kind=str, choices=DATASETS)
+    data_root: str | None = option(None, "folder holding mnist/fashion_mnist/cifar10 files or an image folder",
+                                   kind=str, nullable=True)
+    download: bool = option(False, "allow torchvision to download mnist/fashion_mnist/cifar10 into --data-root",
+                            kind=bool)
+    batch_size: int = option(32, "samples per rank per micro-batch", kind=int, check=positive)
+    num_workers: int = option(0, "DataLoader worker processes per rank", kind=int, check=non_negative)
+    val_fraction: float = option(0.15, "share of the data held out for validation (split by --seed)",
+                                 kind=float, check=fraction)
+    test_fraction: float = option(0.15, "share held out for test, for data sets without a test split",
+                                  kind=float, check=fraction)
+    image_size: int | None = option(None, "resize images to this square size (default: native size)",
+                                    kind=int, nullable=True, check=positive)
+    augment: bool = option(False, "random crop/flip augmentation for training images", kind=bool)
+    synthetic_size: int = option(2048, "number of samples of the synthetic data set", kind=int, check=positive)
+    synthetic_shape: str = option("3,32,32", "C,H,W of each synthetic sample", kind=str, check=_shape)
+    synthetic_classes: int = option(10, "number of classes of the synthetic data set", kind=int, check=positive)

@@ -1,0 +1,195 @@
+"""The data sets a job can train on, each split deterministically into train / val / test.
+
+`digits` (the default) is scikit-learn's real 8x8 handwritten digits, which ship with
+the package: no download, no data root. torchvision data sets are read from
+`--data-root` and downloaded only with an explicit `--download`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from dist_train.data.config import DataConfig
+from dist_train.data.transforms import (IMAGENET_STATS, TORCHVISION_STATS, eval_image_transform,
+                                        grayscale_transform, tensor_transform, train_image_transform)
+from dist_train.errors import UserError
+from dist_train.training.determinism import generator
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    class_names: list[str]
+    eval_transform: Callable[[Any], torch.Tensor] | None = None  # for predict on user images
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """A seeded permutation cut into (train, val, test): the same for every rank and run."""
+    order = torch.randperm(n, generator=generator(seed, "split")).tolist()
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+class TensorImages(Dataset):
+    """In-memory images (N, C, H, W) and labels, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.images, self.labels = images, labels
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = self.indices[i]
+        image = self.images[j]
+        return (self.transform(image) if self.transform else image), int(self.labels[j])
+
+
+class Subset(Dataset):
+    """A view of some indices of a data set, with its own transform (train and val differ)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable | None = None):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image, label = self.base[self.indices[i]]
+        return (self.transform(image) if self.transform else image), int(label)
+
+
+class SyntheticImages(Dataset):
+    """Learnable random images of any shape: class prototypes plus per-sample noise, made on demand."""
+
+    def __init__(self, size: int, shape: tuple[int, int, int], num_classes: int, seed: int, offset: int = 0):
+        self.size, self.shape, self.num_classes, self.seed, self.offset = size, shape, num_classes, seed, offset
+        self.prototypes = torch.randn((num_classes, *shape), generator=generator(seed, "prototypes"))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        gen = generator(self.seed, "synthetic", self.offset + i)
+        label = int(torch.randint(self.num_classes, (1,), generator=gen))
+        return self.prototypes[label] + 0.5 * torch.randn(self.shape, generator=gen), label
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> DataBundle:
+    builders = {"digits": _digits, "synthetic": _synthetic, "mnist": _torchvision, "fashion_mnist": _torchvision,
+                "cifar10": _torchvision, "image_folder": _image_folder}
+    return builders[cfg.dataset](cfg, seed)
+
+
+def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or size == images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _digits(cfg: DataConfig, seed: int) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(raw.target, dtype=torch.int64)
+    train_idx, val_idx, test_idx = split_indices(len(labels), cfg.val_fraction, cfg.test_fraction, seed)
+    mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
+    images = _resize((images - mean) / std, cfg.image_size)
+    augment = tensor_transform(images.shape[-1]) if cfg.augment else None
+    size = images.shape[-1]
+    return DataBundle(TensorImages(images, labels, train_idx, augment), TensorImages(images, labels, val_idx),
+                      TensorImages(images, labels, test_idx), 10, 1, size, [str(d) for d in range(10)],
+                      eval_transform=grayscale_transform(size, mean, std), info={"mean": mean, "std": std})
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
+    c, h, w = (int(p) for p in cfg.synthetic_shape.split(","))
+    n = cfg.synthetic_size
+    n_val = max(1, int(n * cfg.val_fraction))
+    n_test = max(1, int(n * cfg.test_fraction))
+    n_train = n - n_val - n_test
+    if n_train <= 0:
+        raise UserError("synthetic_size is too small for the val/test fractions")
+    k = cfg.synthetic_classes
+    return DataBundle(SyntheticImages(n_train, (c, h, w), k, seed, 0),
+                      SyntheticImages(n_val, (c, h, w), k, seed, n_train),
+                      SyntheticImages(n_test, (c, h, w), k, seed, n_train + n_val),
+                      k, c, h, [str(i) for i in range(k)])
+
+
+_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def _torchvision(cfg: DataConfig, seed: int) -> DataBundle:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _TORCHVISION[cfg.dataset])
+    try:
+        if cfg.download:
+            os.makedirs(cfg.data_root, exist_ok=True)
+        train_base = cls(cfg.data_root, train=True, download=cfg.download)
+        test_base = cls(cfg.data_root, train=False, download=cfg.download)
+    except RuntimeError as exc:
+        raise UserError(f"data set {cfg.dataset} not found under {cfg.data_root} ({exc}); "
+                        "pass --download to fetch it") from None
+    mean, std = TORCHVISION_STATS[cfg.dataset]
+    native = 32 if cfg.dataset == "cifar10" else 28
+    size = cfg.image_size or native
+    channels = 3 if cfg.dataset == "cifar10" else 1
+    train_tf = train_image_transform(size, mean, std, cfg.augment, native=native, flip=cfg.dataset == "cifar10")
+    eval_tf = eval_image_transform(size, mean, std, native=native)
+    n = len(train_base)
+    train_idx, val_idx, _ = split_indices(n, cfg.val_fraction, 0.0, seed)
+    return DataBundle(Subset(train_base, train_idx, train_tf), Subset(train_base, val_idx, eval_tf),
+                      Subset(test_base, range(len(test_base)), eval_tf), len(train_base.classes), channels, size,
+                      [str(c) for c in train_base.classes], eval_transform=eval_tf)
+
+
+def _image_folder(cfg: DataConfig, seed: int) -> DataBundle:
+    """One sub-folder per class; `train/` + `val/` (+ `test/`) sub-folders are used when present."""
+    from torchvision.datasets import ImageFolder
+
+    root = cfg.data_root
+    size = cfg.image_size or 224
+    mean, std = IMAGENET_STATS
+    train_tf = train_image_transform(size, mean, std, cfg.augment)
+    eval_tf = eval_image_transform(size, mean, std)
+    try:
+        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+            train_base = ImageFolder(os.path.join(root, "train"))
+            val_base = ImageFolder(os.path.join(root, "val"))
+            test_dir = os.path.join(root, "test")
+            test_base = ImageFolder(test_dir) if os.path.isdir(test_dir) else val_base
+            if val_base.classes != train_base.classes:
+                raise UserError(f"image folder {root}: train/ and val/ have different class folders")
+            train = Subset(train_base, range(len(train_base)), train_tf)
+            val = Subset(val_base, range(len(val_base)), eval_tf)
+            test = Subset(test_base, range(len(test_base)), eval_tf)
+            classes = train_base.classes
+        else:
+            base = ImageFolder(root)
+            train_idx, val_idx, test_idx = split_indices(len(base), cfg.val_fraction, cfg.test_fraction, seed)
+            train, val, test = Subset(base, train_idx, train_tf), Subset(base, val_idx, eval_tf), \
+                Subset(base, test_idx, eval_tf)
+            classes = base.classes
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"image folder {root}: {exc}") from None
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"image folder {root}: too few images for a train/val split")
+    return DataBundle(train, val, test, len(classes), 3, size, list(classes), eval_transform=eval_tf)

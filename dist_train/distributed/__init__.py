@@ -1,0 +1,1 @@
+"""Everything about process groups, devices and the torchrun environment lives here."""

@@ -1,0 +1,138 @@
+"""Process-group setup from torchrun's environment, and the few collectives the job needs.
+
+The rest of the code asks a `DistEnv` (rank, world size, device) and never reads
+`os.environ` itself. Without torchrun (no `RANK` in the environment) the job runs
+as one process with world size 1 and no process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s object on every rank (rank 0 decides, the others follow)."""
+        if not self.distributed:
+            return obj
+        holder = [obj if self.rank == src else None]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_rank0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum of each value over all ranks, in float64 so counts stay exact."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def all_reduce_max(self, values: list[int]) -> list[int]:
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.collective_device)
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [int(v) for v in tensor.tolist()]
+
+    @property
+    def collective_device(self) -> torch.device:
+        """nccl only moves CUDA tensors; gloo and single-process use the CPU."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def torchrun_launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from dist_train.errors import UserError
+            raise UserError("--device cuda was asked for but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU), or run as one process."""
+    if not torchrun_launched():
+        return DistEnv(0, 1, 0, _pick_device(device, 0), None)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = _pick_device(device, local_rank)
+    backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        kwargs["device_id"] = torch_device
+    dist.init_process_group(**kwargs)
+    return DistEnv(rank, world_size, local_rank, torch_device, backend)
+
+
+def teardown(env: DistEnv | None) -> None:
+    if env is not None and env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistEnv]:
+    """The process group for the length of a job; always torn down, also on errors."""
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        teardown(env)
+
+
+def configure_logging(env: DistEnv, level: int = logging.INFO) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank."""
+    prefix = "" if env.world_size == 1 else f"[rank {env.rank}] "
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("dist_train")
+    root.handlers[:] = [handler]
+    root.setLevel(level if env.is_rank0 else logging.WARNING)
+    root.propagate = False

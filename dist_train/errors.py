@@ -1,0 +1,27 @@
+"""The exit statuses dist_train promises, and the one exception type users can cause.
+
+Everything a user can get wrong (a flag, a config value, a URL, a checkpoint that
+does not fit) raises `UserError`; the CLI turns it into one line on stderr and
+exit status 2. Any other exception is a bug and keeps its traceback.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+# A newer attempt took over the run dir; this (zombie) attempt must not write.
+EXIT_SUPERSEDED = 3
+# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry".
+# A preempted job committed what it could and wants to be started again.
+EXIT_PREEMPTED = 75
+
+
+class UserError(Exception):
+    """A problem the user can fix: reported as one line, exit status 2."""
+
+
+class StorageError(Exception):
+    """Checkpoint storage failed in a way retries did not fix."""
+
+
+class SupersededError(Exception):
+    """A newer attempt owns the run dir; this one is fenced out."""

@@ -1,0 +1,17 @@
+# Sourced by the quick-start scripts: make .venv with the package and its test tools, idempotently.
+# Re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_py="${PYTHON:-python3}"
+if [ ! -x "$_root/.venv/bin/python" ]; then
+    "$_py" -m venv "$_root/.venv"
+fi
+_stamp="$_root/.venv/.dist-train-installed"
+if [ ! -f "$_stamp" ] || [ "$_root/pyproject.toml" -nt "$_stamp" ]; then
+    echo "installing dist_train and its dependencies into .venv (first run takes a few minutes)..." >&2
+    "$_root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$_root[dev]" 2>&1 \
+        | grep -v "^WARNING: Location" >&2 || true
+    "$_root/.venv/bin/python" -c "import dist_train, torch, torchvision, s3fs, moto" \
+        || { echo "install failed" >&2; exit 1; }
+    touch "$_stamp"
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quick start: 2-process DDP training on the embedded digits data set (no download), checkpoints
+# under runs/quickstart. Installs into .venv on first use. Extra arguments go to `dist-train train`.
+# Run it again and it resumes from the newest valid checkpoint (finished runs exit at once).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/ensure-env.sh
+NPROC="${NPROC:-2}"
+exec .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m dist_train train \
+    --run-dir "${RUN_DIR:-runs/quickstart}" --checkpoint-every 50 --keep-last 3 "$@"
