@@ -48,6 +48,16 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           env=base_env(env), timeout=timeout, cwd=cwd or REPO)
 
 
+def call_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI in this process (for read-only commands where a subprocess adds only start-up time)."""
+    from dist_train.cli.main import main
+
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] | None = None) -> list[str]:
     return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             *(extra or []), "-m", "dist_train", *args]

@@ -36,7 +36,12 @@ MULTIPART_THRESHOLD = 64 * 2**20
 PART_SIZE = 32 * 2**20
 UPLOAD_CONCURRENCY = 8
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+                    "ThrottlingException", "RequestTimeTooSkewed", "ConditionalRequestConflict",
+                    "500", "502", "503", "504"}
+# botocore's own retries per HTTP request (standard mode: backoff, retry quota); `Storage._call`
+# retries the whole operation on top, so one operation makes at most
+# RetryPolicy.attempts * BOTOCORE_ATTEMPTS requests, and none starts after RetryPolicy.deadline.
+BOTOCORE_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter; at most `attempts` tries per operation."""
+    """Exponential backoff with jitter; at most `attempts` tries per operation, none after `deadline` seconds."""
     attempts: int = 6
     base_delay: float = 0.1
     max_delay: float = 4.0
+    deadline: float = 120.0
 
     def delay(self, attempt: int) -> float:
         return min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
@@ -93,6 +99,8 @@ def _error_chain(exc: BaseException) -> Iterable[BaseException]:
 
 def is_transient(exc: BaseException) -> bool:
     """Worth another try: throttling, 5xx, resets and timeouts; never 4xx or local disk errors."""
+    if isinstance(exc, FileExistsError):
+        return False  # a conditional create that lost: an answer, not a fault
     for err in _error_chain(exc):
         response = getattr(err, "response", None)
         if isinstance(response, dict):
@@ -112,14 +120,30 @@ def is_transient(exc: BaseException) -> bool:
 
 def describe_error(exc: BaseException) -> str:
     """A one-line reason without credentials (botocore messages never carry secrets)."""
+    tries = getattr(exc, "storage_attempts", None)
+    suffix = f" (gave up after {tries} tries)" if tries and tries > 1 else ""
     for err in _error_chain(exc):
         response = getattr(err, "response", None)
         if isinstance(response, dict) and response.get("Error"):
             error = response["Error"]
-            return f"{error.get('Code', 'error')}: {error.get('Message', '')}".strip()
+            return " ".join(f"{error.get('Code', 'error')}: {error.get('Message', '')}".split()) + suffix
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"
+        where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
+        return f"{exc.strerror}{where}{suffix}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split()) + suffix
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """S3 answered 412 to a conditional PUT: the object exists (stores differ in how they say it)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    for err in _error_chain(exc):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code == "PreconditionFailed" or status == 412
+    return False
 
 
 class Storage:
@@ -143,6 +167,8 @@ class Storage:
         self.root = self.root.rstrip("/") if self.root not in ("/", "") else self.root
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.is_s3 = protocol in ("s3", "s3a")
+        if self.is_s3:
+            self.fs.retries = 1  # s3fs's own retry loop would multiply botocore's and ours (see BOTOCORE_ATTEMPTS)
         self._lock = threading.Lock()
 
     # -- naming -------------------------------------------------------------------------
@@ -177,15 +203,19 @@ class Storage:
             for hook in list(Storage.hooks):
                 hook(operation, rel)
         attempts = self.retry.attempts if (retry and not self.is_local) else 1
+        started = time.monotonic()
         for attempt in range(attempts):
             try:
                 return func()
             except FileNotFoundError:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
-                if attempt + 1 >= attempts or not is_transient(exc):
+                if not is_transient(exc):
                     raise
                 delay = self.retry.delay(attempt)
+                if attempt + 1 >= attempts or time.monotonic() + delay - started > self.retry.deadline:
+                    exc.storage_attempts = attempt + 1  # type: ignore[attr-defined] - for describe_error
+                    raise
                 log.warning("storage %s %s failed (%s); retry %d/%d in %.1fs", operation, self.url(rel),
                             describe_error(exc), attempt + 1, attempts - 1, delay)
                 time.sleep(delay)
@@ -364,8 +394,12 @@ class Storage:
             if self.is_s3:
                 try:
                     self.fs.pipe_file(path, data, mode="create")
-                except FileExistsError:
-                    return False
+                except OSError as exc:
+                    # 412 also when a retry of our own create (whose answer was lost) finds it made:
+                    # callers that care read the object back and compare (writer.py, fencing.py).
+                    if _precondition_failed(exc):
+                        return False
+                    raise
                 return True
             with self._lock:
                 if self.fs.exists(path):
@@ -421,8 +455,11 @@ class Storage:
         """Fail with a clear line when the store cannot be used: missing bucket, bad endpoint, no access."""
         try:
             if self.is_s3:
+                # No operation-level retries here: a wrong endpoint or bucket must fail in seconds, and
+                # quietly; botocore still retries a transient fault of the single request.
                 bucket = self.root.split("/", 1)[0]
-                self._call("check", "", lambda: self.fs.call_s3("head_bucket", Bucket=bucket), mutating=False)
+                self._call("check", "", lambda: self.fs.call_s3("head_bucket", Bucket=bucket), mutating=False,
+                           retry=False)
             elif self.is_local:
                 parent = self.root
                 while not os.path.exists(parent):
@@ -447,10 +484,13 @@ def _s3_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Bounded botocore retries and timeouts, and AWS_ENDPOINT_URL for S3-compatible stores."""
     kwargs = dict(kwargs)
     config = dict(kwargs.pop("config_kwargs", {}) or {})
-    config.setdefault("retries", {"max_attempts": 4, "mode": "standard"})
+    config.setdefault("retries", {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"})
     config.setdefault("connect_timeout", 10)
     config.setdefault("read_timeout", 60)
     kwargs["config_kwargs"] = config
+    # Several processes share a run dir (ranks, a replaced pod): a cached listing could hide a manifest
+    # another process just committed, so every exists/info asks the store.
+    kwargs.setdefault("use_listings_cache", False)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in kwargs and "endpoint_url" not in kwargs.get("client_kwargs", {}):
         kwargs["endpoint_url"] = endpoint

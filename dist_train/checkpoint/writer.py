@@ -4,8 +4,8 @@ Local disk: stage in `.staging-<name>-<id>` beside the checkpoints (a name no
 listing takes for a checkpoint), write and fsync every file, the manifest last,
 rename the folder into place and fsync the run dir.
 
-Object stores (no rename): upload the data objects, then create the manifest with
-one conditional PUT. If a retried create finds a manifest already there, it is
+Object stores (no rename): claim the folder with a conditional create, upload the
+data objects, then create the manifest with one conditional PUT. If a retried create finds a manifest already there, it is
 ours only when its writer id is ours; anything else is a conflict.
 """
 
@@ -26,6 +26,11 @@ from dist_train.checkpoint.storage import Storage
 from dist_train.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+
+# On object stores a writer first claims the folder (conditional create), so two writers can never
+# interleave data objects under one name; only the claimant uploads, and the manifest commits.
+CLAIM = ".writer"
 
 
 class CommitConflict(StorageError):
@@ -109,6 +114,10 @@ class CheckpointWriter:
     def _commit_by_conditional_put(self, name: str, step: int, files: dict[str, Any],
                                    fields: dict[str, Any]) -> Committed:
         manifest_rel = f"{name}/{mf.MANIFEST}"
+        claim_rel = f"{name}/{CLAIM}"
+        if not self.storage.create_exclusive(claim_rel, self.writer_id.encode()):
+            if self._read_claim(claim_rel) != self.writer_id:
+                raise CommitConflict(f"{self.storage.url(name)} is being written by another writer")
         attempted_manifest = False
         try:
             table = {rel: self._write_file(f"{name}/{rel}", content) for rel, content in files.items()}
@@ -129,6 +138,12 @@ class CheckpointWriter:
                 self._discard(name, keep_manifest=True)
             raise
         return Committed(name, self.storage.url(name), manifest)
+
+    def _read_claim(self, rel: str) -> str | None:
+        try:
+            return self.storage.read(rel).decode(errors="replace")
+        except FileNotFoundError:
+            return None
 
     def _read_existing(self, rel: str) -> dict[str, Any] | None:
         try:

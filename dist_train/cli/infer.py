@@ -1,5 +1,152 @@
-"""Placeholder registration; filled in by its issue."""
+"""`dist-train predict|evaluate|export`: using a checkpoint's model after training.
+
+`--checkpoint` is a checkpoint folder or a run dir (its newest valid checkpoint).
+Only the model file is read, and its sha256 is checked while reading.
+`evaluate` also runs under torchrun and then reports the exact global numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dist_train.config.fields import coerce
+from dist_train.errors import UserError
+from dist_train.models.config import MODELS
 
 
 def register(commands) -> None:
-    pass
+    def common(sub) -> None:
+        sub.add_argument("--checkpoint", required=True, metavar="URL",
+                         help="a checkpoint folder, or a run dir (then its newest valid checkpoint)")
+        sub.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options as JSON")
+        sub.add_argument("--model", choices=MODELS, metavar="NAME",
+                         help="the architecture you expect; a checkpoint of another model is refused")
+
+    def data(sub) -> None:
+        sub.add_argument("--data-root", metavar="PATH", help="where the data set's files are now, if moved")
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sub.add_argument("--batch-size", type=int, metavar="N", help="inputs per forward pass")
+
+    sub = commands.add_parser("predict", help="top-k classes of image files (or of validation samples)",
+                              description="Print each input's top-k classes with softmax probabilities. "
+                                          "Inputs are image files or folders of them; with none, a few "
+                                          "validation samples of the run's own data set, with true labels.")
+    common(sub)
+    data(sub)
+    sub.add_argument("inputs", nargs="*", metavar="FILE_OR_FOLDER")
+    sub.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per input (default 5)")
+    sub.add_argument("--samples", type=int, default=8, metavar="N",
+                     help="validation samples to predict when no inputs are given (default 8)")
+    sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sub.set_defaults(handler=cmd_predict)
+
+    sub = commands.add_parser("evaluate", help="loss, accuracy, per-class accuracy and confusion matrix",
+                              description="Evaluate a checkpoint on its run's validation or test split. "
+                                          "Under torchrun the ranks share the work; the numbers are global.")
+    common(sub)
+    data(sub)
+    sub.add_argument("--split", choices=("val", "test"), default="val")
+    sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sub.set_defaults(handler=cmd_evaluate)
+
+    sub = commands.add_parser("export", help="the model's state_dict as .safetensors or .pt, for deployment",
+                              description="Write the model's weights alone to OUT (.safetensors or .pt), "
+                                          "with OUT.json (model spec, class names) and OUT.README.md "
+                                          "(how to load it).")
+    common(sub)
+    sub.add_argument("--out", required=True, metavar="FILE", help="a .safetensors or .pt file")
+    sub.add_argument("--force", action="store_true", help="overwrite OUT and its side files")
+    sub.set_defaults(handler=cmd_export)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    value, problem = coerce(args.storage_options, {"kind": "json", "nullable": False})
+    if problem:
+        raise UserError(f"--storage-options {problem}")
+    return value
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dist_train.inference.loading import load_model, pick_device, rebuild_data
+    from dist_train.inference.predict import find_images, format_predictions, predict_files, predict_samples
+
+    _positive(args, "top_k", "samples", "batch_size")
+    files = find_images(args.inputs)
+    loaded = load_model(args.checkpoint, _options(args), args.model, pick_device(args.device))
+    bundle = rebuild_data(loaded, args.data_root)
+    batch_size = args.batch_size or 64
+    if files:
+        predictions = predict_files(loaded, files, bundle.eval_transform, args.top_k, batch_size)
+    else:
+        predictions = predict_samples(loaded, bundle.val, args.samples, args.top_k, "val", batch_size)
+    names = loaded.class_names
+    if args.json:
+        print(json.dumps({"checkpoint": loaded.url, "step": loaded.step, "model": loaded.spec.name,
+                          "predictions": [p.as_dict(names) for p in predictions]}, indent=1))
+        return 0
+    print(f"checkpoint {loaded.url} (step {loaded.step}, {loaded.spec.name}, {len(names)} classes)")
+    for line in format_predictions(predictions, names):
+        print(line)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dist_train.distributed.env import configure_logging, distributed
+    from dist_train.inference.evaluate import evaluate_split, format_result, result_dict
+    from dist_train.inference.loading import load_model, rebuild_data
+
+    _positive(args, "batch_size")
+    options = _options(args)
+    with distributed(args.device) as env:
+        configure_logging(env)
+
+        def prepare():
+            loaded = load_model(args.checkpoint, options, args.model, env.device)
+            return loaded, rebuild_data(loaded, args.data_root)
+
+        loaded, bundle = _on_every_rank(env, prepare)
+        cfg_batch = ((loaded.manifest.get("config") or {}).get("data") or {}).get("batch_size", 64)
+        result = evaluate_split(env, loaded, bundle, args.split, args.batch_size or cfg_batch)
+        if env.is_rank0:
+            report = result_dict(loaded, args.split, result)
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                print("\n".join(format_result(report)))
+            sys.stdout.flush()
+    return 0
+
+
+def _on_every_rank(env, action):
+    """Run `action` on every rank; a UserError on any rank stops them all with the same line."""
+    result, error = None, None
+    try:
+        result = action()
+    except UserError as exc:
+        error = str(exc)
+    errors = [e for e in env.all_gather_objects(error) if e]
+    if errors:
+        raise UserError(errors[0])
+    return result
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_train.inference.export import check_targets, export_model
+    from dist_train.inference.loading import load_model
+
+    check_targets(args.out, args.force)  # before reading anything: a refused export costs nothing
+    loaded = load_model(args.checkpoint, _options(args), args.model)
+    written = export_model(loaded, args.out, args.force)
+    print(f"exported {loaded.spec.name} weights of {loaded.url} (step {loaded.step})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_train.config.fields import option
+from dist_train.config.fields import option, positive
 
 MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
           "efficientnet_b0")
@@ -23,3 +23,4 @@ class ModelConfig:
     pretrained_weights: str | None = option(None, "local state_dict (.pt or .safetensors) for the backbone",
                                             kind=str, nullable=True)
     dropout: float = option(0.0, "dropout before the classifier of cnn/mlp", kind=float, check=_dropout)
+    width: int = option(128, "hidden width of the cnn/mlp classifier", kind=int, check=positive)

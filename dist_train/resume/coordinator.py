@@ -34,7 +34,7 @@ def _model_mismatch(manifest: dict[str, Any], spec: ModelSpec) -> str | None:
     """A readable reason why the checkpoint's model cannot be this run's model, or None."""
     theirs = manifest.get("model") or {}
     for key, label in (("name", "model"), ("num_classes", "classes"), ("in_channels", "input channels"),
-                       ("image_size", "image size")):
+                       ("image_size", "image size"), ("width", "width")):
         if key in theirs and theirs[key] != getattr(spec, key):
             return (f"checkpoint holds a {theirs.get('name')} model with {theirs.get('num_classes')} classes "
                     f"({label} {theirs[key]}), this run builds {spec.name} with {spec.num_classes} classes "

@@ -72,7 +72,7 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
     _checked(env, lambda: storage.check_reachable() if env.is_rank0 else None)
     data = _checked(env, lambda: build_datasets(cfg.data, cfg.train.seed))
     spec = ModelSpec(cfg.model.model, data.num_classes, data.in_channels, data.image_size, cfg.model.dropout,
-                     cfg.model.freeze_backbone)
+                     cfg.model.freeze_backbone, cfg.model.width)
     seed_process(cfg.train.seed, "init")  # identical initial weights for every rank and world size
     model = _checked(env, lambda: build_model(spec, cfg.model.pretrained_weights)).to(env.device)
     optimizer = build_optimizer(model, cfg.optim)

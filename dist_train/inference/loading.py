@@ -1,0 +1,178 @@
+"""Opening a checkpoint for inference: the weights only, verified, and the data pipeline they were trained with.
+
+`--checkpoint` names a checkpoint folder or a run dir (then its newest valid
+checkpoint). The model file's sha256 is checked while it is read, the model is
+rebuilt from the manifest's `ModelSpec` and loaded strictly: a checkpoint of
+another architecture is a one-line error, never a silent partial load. The data
+set is rebuilt from the checkpoint's own config and seed, so the val/test split
+and the normalisation are exactly the ones training used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_train.checkpoint import catalog
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint.state import CorruptCheckpoint, open_checkpoint, read_payload
+from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
+from dist_train.data.datasets import DataBundle, build_datasets
+from dist_train.errors import UserError
+from dist_train.models.registry import ModelSpec, build_model
+from dist_train.resume.restore import load_model_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Weights:
+    """A checkpoint's model state_dict (sha256-verified) and the manifest that describes it."""
+    url: str
+    manifest: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the checkpoint it came from."""
+    url: str
+    manifest: dict[str, Any]
+    spec: ModelSpec
+    model: nn.Module
+    device: torch.device
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.manifest.get("class_names")
+        if isinstance(names, list) and len(names) == self.spec.num_classes:
+            return [str(n) for n in names]
+        return [str(i) for i in range(self.spec.num_classes)]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available on this machine")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _read_weights(folder: Storage, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return read_payload(folder, manifest, verify_sha=True, model_only=True).model
+
+
+def read_weights(url: str, options: dict | None = None) -> Weights:
+    """The model weights of a checkpoint folder, or of a run dir's newest valid checkpoint."""
+    target = Storage(url, options)
+    try:
+        is_checkpoint = target.exists(mf.MANIFEST)
+    except Exception as exc:  # noqa: BLE001 - unreachable store, bad endpoint, no access
+        raise UserError(f"cannot read checkpoint {target.display_url}: {describe_error(exc)}") from None
+    if is_checkpoint:
+        folder, manifest = open_checkpoint(url, options)
+        try:
+            return Weights(folder.url(), manifest, _read_weights(folder, manifest))
+        except CorruptCheckpoint as exc:
+            raise UserError(f"checkpoint {folder.display_url} is not valid: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read checkpoint {folder.display_url}: {describe_error(exc)}") from None
+    return _newest_in_run_dir(target)
+
+
+def _newest_in_run_dir(run_dir: Storage) -> Weights:
+    """Newest first: manifest and sizes from a listing, then the sha256 while reading; skip what fails."""
+    try:
+        refs = catalog.newest_first(catalog.list_checkpoints(run_dir))
+        if not refs:
+            if run_dir.exists(""):
+                raise UserError(f"no checkpoint in {run_dir.display_url} "
+                                "(neither a checkpoint folder nor a run dir holding checkpoints)")
+            raise UserError(f"checkpoint not found: {run_dir.display_url}")
+        reasons = []
+        for ref in refs:
+            verdict = catalog.inspect(run_dir, ref, level="size")
+            if verdict.valid:
+                folder = run_dir.child(ref.name)
+                try:
+                    return Weights(folder.url(), verdict.manifest, _read_weights(folder, verdict.manifest))
+                except CorruptCheckpoint as exc:
+                    verdict.reason = str(exc)
+            log.warning("skipping checkpoint %s: %s", verdict.url, verdict.reason)
+            reasons.append(verdict.reason)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - storage trouble while searching is the user's to fix
+        raise UserError(f"cannot search {run_dir.display_url} for checkpoints: {describe_error(exc)}") from None
+    raise UserError(f"no valid checkpoint in {run_dir.display_url} ({len(refs)} invalid; newest: {reasons[0]})")
+
+
+def model_spec(manifest: dict[str, Any], url: str, expect_model: str | None = None) -> ModelSpec:
+    """The manifest's ModelSpec; `expect_model` (--model) must name the same architecture."""
+    spec = ModelSpec.from_dict(manifest.get("model") or {})
+    if expect_model is not None and expect_model != spec.name:
+        raise UserError(f"checkpoint {url} holds a {spec.name} model ({spec.num_classes} classes), "
+                        f"not {expect_model}")
+    return spec
+
+
+def build_loaded(weights: Weights, expect_model: str | None = None,
+                 device: torch.device | None = None) -> LoadedModel:
+    """A fresh model of the manifest's architecture with the checkpoint's weights, in eval mode."""
+    spec = model_spec(weights.manifest, weights.url, expect_model)
+    model = build_model(spec)
+    load_model_weights(model, weights.state, weights.url)
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    return LoadedModel(weights.url, weights.manifest, spec, model, device)
+
+
+def load_model(url: str, options: dict | None = None, expect_model: str | None = None,
+               device: torch.device | None = None) -> LoadedModel:
+    return build_loaded(read_weights(url, options), expect_model, device)
+
+
+def data_config(manifest: dict[str, Any], url: str, data_root: str | None = None) -> tuple[DataConfig, int]:
+    """The checkpoint's data config and train seed (which fixes the split and the normalisation)."""
+    config = manifest.get("config")
+    section = config.get("data") if isinstance(config, dict) else None
+    seed = (config.get("train") or {}).get("seed") if isinstance(config, dict) else None
+    if not isinstance(section, dict) or not isinstance(seed, int):
+        raise UserError(f"checkpoint {url} does not record the data config it was trained with")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    cfg = DataConfig(**{k: v for k, v in section.items() if k in known})
+    cfg.download = False  # inference never fetches data behind the user's back
+    if data_root is not None:
+        cfg.data_root = data_root
+    if cfg.dataset in DATASETS_NEEDING_ROOT and not (cfg.data_root and os.path.isdir(cfg.data_root)):
+        raise UserError(f"data set {cfg.dataset} of checkpoint {url} needs its files: data root "
+                        f"{cfg.data_root!r} not found (pass --data-root)")
+    return cfg, seed
+
+
+def rebuild_data(loaded: LoadedModel, data_root: str | None = None) -> DataBundle:
+    """The checkpoint's data set with the same split and preprocessing as in training."""
+    cfg, seed = data_config(loaded.manifest, loaded.url, data_root)
+    bundle = build_datasets(cfg, seed)
+    spec = loaded.spec
+    theirs = (bundle.num_classes, bundle.in_channels, bundle.image_size)
+    ours = (spec.num_classes, spec.in_channels, spec.image_size)
+    if theirs != ours:
+        raise UserError(f"data set {cfg.dataset} (classes, channels, size {theirs}) does not match the model "
+                        f"of checkpoint {loaded.url} {ours}")
+    return bundle

@@ -1,0 +1,121 @@
+"""Top-k predictions for the user's image files, or for samples of the run's own validation split.
+
+Files go through the data set's `eval_transform`, the same preprocessing validation
+used, after Pillow has converted them to the model's channel count.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from dist_train.errors import UserError
+from dist_train.inference.loading import LoadedModel
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[int, float]]  # (class index, probability), most probable first
+    label: int | None = None      # the true class, for samples of the data set
+
+    def as_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"input": self.source,
+                               "top_k": [{"class": c, "name": class_names[c], "probability": p}
+                                         for c, p in self.top]}
+        if self.label is not None:
+            out.update({"label": self.label, "label_name": class_names[self.label],
+                        "correct": self.top[0][0] == self.label})
+        return out
+
+
+@torch.no_grad()
+def top_k(model: torch.nn.Module, inputs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Softmax probabilities of the k most likely classes per input, sorted, highest first."""
+    logits = model(inputs)
+    probabilities = torch.softmax(logits.double(), dim=1)
+    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1, sorted=True)
+    return [[(int(c), float(p)) for c, p in zip(row_i, row_v)] for row_i, row_v in zip(indices, values)]
+
+
+def find_images(paths: Iterable[str]) -> list[str]:
+    """Files as given (any extension), folders walked recursively for image files, in sorted order."""
+    found: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = []
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                inside += [os.path.join(root, f) for f in sorted(files)
+                           if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+            if not inside:
+                raise UserError(f"no image files in folder {path}")
+            found += inside
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    return found
+
+
+def load_image(path: str, transform: Callable[[Any], torch.Tensor], in_channels: int) -> torch.Tensor:
+    """One image file as the model's input tensor; an unreadable file is the user's error."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if in_channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read image {path}: {reason}") from None
+    return transform(image)
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def predict_files(loaded: LoadedModel, files: Sequence[str], transform: Callable | None, k: int,
+                  batch_size: int = 64) -> list[Prediction]:
+    if transform is None:
+        raise UserError(f"the data set of checkpoint {loaded.url} has no image preprocessing; "
+                        "run predict without inputs to see validation samples")
+    out: list[Prediction] = []
+    for chunk in _batches(files, batch_size):
+        inputs = torch.stack([load_image(path, transform, loaded.spec.in_channels) for path in chunk])
+        for path, top in zip(chunk, top_k(loaded.model, inputs.to(loaded.device), k)):
+            out.append(Prediction(path, top))
+    return out
+
+
+def predict_samples(loaded: LoadedModel, dataset: Dataset, count: int, k: int, split: str = "val",
+                    batch_size: int = 64) -> list[Prediction]:
+    """The first `count` samples of a split, with their true labels."""
+    indices = list(range(min(count, len(dataset))))
+    out: list[Prediction] = []
+    for chunk in _batches(indices, batch_size):
+        samples = [dataset[i] for i in chunk]
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in samples])
+        for i, (_, label), top in zip(chunk, samples, top_k(loaded.model, inputs.to(loaded.device), k)):
+            out.append(Prediction(f"{split}[{i}]", top, int(label)))
+    return out
+
+
+def format_predictions(predictions: Sequence[Prediction], class_names: Sequence[str]) -> list[str]:
+    """One line per input: `source  ->  name: probability ...` (with the true label for samples)."""
+    lines = []
+    for pred in predictions:
+        source = pred.source
+        if pred.label is not None:
+            verdict = "ok" if pred.top[0][0] == pred.label else "WRONG"
+            source += f" (true {class_names[pred.label]}, {verdict})"
+        ranked = "   ".join(f"{class_names[c]}: {p:.4f}" for c, p in pred.top)
+        lines.append(f"{source}  ->  {ranked}")
+    return lines

@@ -1,0 +1,281 @@
+"""predict / evaluate / export against a real tiny training run (digits, one epoch, single process).
+
+Most commands run in this process through `cli.main.main` (fast, and the exit status and
+stderr line are the same ones the console script gives); one bad-input case and the
+evaluate comparison run as real processes, the latter also under a 2-rank torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, run_torchrun
+from dist_train.cli.main import main
+
+TRAIN = ["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "20", "--no-progress", "--log-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("infer") / "run"
+    result = run_cli(["train", "--run-dir", str(path), *TRAIN])
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def newest(run_dir) -> Path:
+    return sorted(run_dir.glob("ckpt-*"))[-1]
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory) -> list[Path]:
+    """Real digits as 8-bit PNGs (bright ink, like the data set), one as a larger RGB image."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("pngs")
+    raw = load_digits()
+    paths = []
+    for i in (0, 1, 2):
+        path = folder / f"digit{raw.target[i]}-{i}.png"
+        Image.fromarray((raw.images[i] * 255 / 16).astype(np.uint8), mode="L").save(path)
+        paths.append(path)
+    nested = folder / "more"
+    nested.mkdir()
+    big = Image.fromarray((raw.images[3] * 255 / 16).astype(np.uint8), mode="L").resize((32, 32)).convert("RGB")
+    big.save(nested / "b-digit.png")
+    Image.fromarray((raw.images[4] * 255 / 16).astype(np.uint8), mode="L").save(nested / "a-digit.png")
+    (nested / "notes.txt").write_text("not an image, skipped inside folders")
+    return paths
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def reference(checkpoint: Path):
+    from dist_train.inference.loading import load_model, rebuild_data
+
+    loaded = load_model(str(checkpoint))
+    return loaded, rebuild_data(loaded)
+
+
+def expected_top(loaded, inputs: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    with torch.no_grad():
+        probabilities = torch.softmax(loaded.model(inputs).double(), dim=1)
+    values, indices = probabilities.topk(k, dim=1)
+    return indices.tolist(), values.tolist()
+
+
+def check_ranked(top: list[dict]) -> None:
+    probabilities = [t["probability"] for t in top]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert all(0 <= p <= 1 for p in probabilities)
+    assert sum(probabilities) <= 1 + 1e-9
+
+
+def test_predict_files_match_the_models_own_forward_pass(capsys, run_dir, newest, digit_pngs):
+    from PIL import Image
+
+    folder = digit_pngs[0].parent / "more"
+    code, out, err = cli(capsys, "predict", "--checkpoint", run_dir, *digit_pngs, folder, "--top-k", "3", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["checkpoint"] == str(newest) and report["step"] == 40
+    files = [*map(str, digit_pngs), str(folder / "a-digit.png"), str(folder / "b-digit.png")]
+    assert [p["input"] for p in report["predictions"]] == files
+
+    loaded, bundle = reference(newest)
+    inputs = torch.stack([bundle.eval_transform(Image.open(f).convert("L")) for f in files])
+    classes, probabilities = expected_top(loaded, inputs, 3)
+    for prediction, want_classes, want_probs in zip(report["predictions"], classes, probabilities):
+        assert [t["class"] for t in prediction["top_k"]] == want_classes
+        assert [t["name"] for t in prediction["top_k"]] == [loaded.class_names[c] for c in want_classes]
+        assert [t["probability"] for t in prediction["top_k"]] == pytest.approx(want_probs, abs=1e-6)
+        check_ranked(prediction["top_k"])
+
+
+def test_top_k_is_sorted_sums_to_at_most_one_and_is_capped_at_the_class_count(capsys, run_dir, digit_pngs):
+    code, out, err = cli(capsys, "predict", "--checkpoint", run_dir, digit_pngs[0], "--top-k", "99", "--json")
+    assert code == 0, err
+    top = json.loads(out)["predictions"][0]["top_k"]
+    assert len(top) == 10
+    check_ranked(top)
+    assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_predict_without_inputs_shows_validation_samples_with_true_labels(capsys, newest):
+    code, out, err = cli(capsys, "predict", "--checkpoint", newest, "--samples", "4", "--top-k", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"checkpoint {newest} (step 40, cnn, 10 classes)")
+    loaded, bundle = reference(newest)
+    inputs = torch.stack([bundle.val[i][0] for i in range(4)])
+    classes, _ = expected_top(loaded, inputs, 2)
+    for i, line in enumerate(lines[1:]):
+        label = bundle.val[i][1]
+        match = re.fullmatch(rf"val\[{i}\] \(true {label}, (ok|WRONG)\)  ->  (\d): [0-9.]+   (\d): [0-9.]+", line)
+        assert match, line
+        assert [int(match.group(2)), int(match.group(3))] == classes[i]
+        assert match.group(1) == ("ok" if classes[i][0] == label else "WRONG")
+    assert len(lines) == 5
+
+
+@pytest.fixture
+def foreign_checkpoints(tmp_path, newest) -> dict[str, Path]:
+    """Copies of a real checkpoint: one whose manifest declares another model, one with a damaged model file."""
+    relabelled = tmp_path / "relabelled" / newest.name
+    shutil.copytree(newest, relabelled)
+    manifest = json.loads((relabelled / "manifest.json").read_text())
+    manifest["model"]["name"] = "mlp"
+    (relabelled / "manifest.json").write_text(json.dumps(manifest))
+    damaged = tmp_path / "damaged" / newest.name
+    shutil.copytree(newest, damaged)
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    return {"relabelled": relabelled, "damaged": damaged}
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing checkpoint", r"checkpoint not found: .*nowhere"),
+    ("empty folder", r"no checkpoint in .*"),
+    ("unreadable image", r"cannot read image .*broken\.png"),
+    ("missing image", r"input not found: .*absent\.png"),
+    ("--model of another architecture", r"holds a cnn model .*not resnet18"),
+    ("manifest declares another model", r"does not fit the model"),
+    ("damaged model file", r"does not match its sha256"),
+    ("bad --top-k", r"--top-k must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, run_dir, digit_pngs, foreign_checkpoints, case,
+                                          pattern):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image decoder wants")
+    (tmp_path / "empty").mkdir()
+    args = {"missing checkpoint": ["--checkpoint", tmp_path / "nowhere"],
+            "empty folder": ["--checkpoint", tmp_path / "empty"],
+            "unreadable image": ["--checkpoint", run_dir, digit_pngs[0], broken],
+            "missing image": ["--checkpoint", run_dir, tmp_path / "absent.png"],
+            "--model of another architecture": ["--checkpoint", run_dir, "--model", "resnet18"],
+            "manifest declares another model": ["--checkpoint", foreign_checkpoints["relabelled"]],
+            "damaged model file": ["--checkpoint", foreign_checkpoints["damaged"]],
+            "bad --top-k": ["--checkpoint", run_dir, "--top-k", "0"]}[case]
+    code, out, err = cli(capsys, "predict", *args)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("dist-train: error: ")
+    assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_export_loads_into_a_fresh_model_with_identical_outputs(capsys, tmp_path, monkeypatch, run_dir, newest,
+                                                                suffix):
+    from dist_train.models import ModelSpec, build_model
+
+    out = tmp_path / "deploy" / f"digits{suffix}"
+    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--out", out)
+    assert code == 0, err
+    info = json.loads(Path(f"{out}.json").read_text())
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert info["model"] == manifest["model"] and info["model_digest"] == manifest["model_digest"]
+    assert info["class_names"] == manifest["class_names"] and info["source"]["step"] == 40
+
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(out)
+    else:
+        state = torch.load(out, map_location="cpu", weights_only=True)
+    assert type(state) is dict and all(isinstance(v, torch.Tensor) for v in state.values())
+    fresh = build_model(ModelSpec.from_dict(info["model"]))
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    loaded, _ = reference(newest)
+    inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(inputs), loaded.model(inputs))
+
+    # The README's snippet is runnable as written, next to the exported file.
+    readme = Path(f"{out}.README.md").read_text()
+    code_block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "from dist_train.models import ModelSpec, build_model" in code_block
+    monkeypatch.chdir(out.parent)
+    exec(compile(code_block, "README snippet", "exec"), {})
+    assert capsys.readouterr().out.strip() in info["class_names"]
+
+
+def test_export_refuses_to_overwrite_without_force_and_refuses_a_foreign_model(capsys, tmp_path, run_dir,
+                                                                               foreign_checkpoints):
+    out = tmp_path / "model.safetensors"
+    assert cli(capsys, "export", "--checkpoint", run_dir, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert sorted(before) == ["model.safetensors", "model.safetensors.README.md", "model.safetensors.json"]
+
+    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--out", out)
+    assert code == 2 and "already exists" in err and "--force" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+    other = tmp_path / "other.pt"
+    code, stdout, err = cli(capsys, "export", "--checkpoint", foreign_checkpoints["relabelled"], "--out", other)
+    assert code == 2 and "does not fit the model" in err
+    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--model", "mlp", "--out", other)
+    assert code == 2 and "holds a cnn model" in err
+    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "model.onnx")
+    assert code == 2 and ".safetensors or .pt" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+    assert cli(capsys, "export", "--checkpoint", run_dir, "--out", out, "--force")[0] == 0
+    assert (tmp_path / "model.safetensors").read_bytes() == before["model.safetensors"]
+
+
+def single_process_reference(newest: Path, split: str, batch_size: int):
+    from dist_train.distributed.env import DistEnv
+    from dist_train.inference.evaluate import evaluate_split, result_dict
+
+    loaded, bundle = reference(newest)
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None)
+    result = evaluate_split(env, loaded, bundle, split, batch_size)
+    return result, result_dict(loaded, split, result)
+
+
+@pytest.mark.timeout(240)
+def test_evaluate_under_two_rank_torchrun_equals_single_process(run_dir, newest):
+    result, one = single_process_reference(newest, "test", 16)
+    assert one["count"] == 270 and sum(map(sum, one["confusion"])) == 270
+    assert one["accuracy"] == pytest.approx(sum(one["confusion"][i][i] for i in range(10)) / 270)
+
+    double = run_torchrun(2, ["evaluate", "--checkpoint", str(run_dir), "--split", "test", "--batch-size", "16",
+                              "--json"])
+    assert double.returncode == 0, double.stderr
+    two = json.loads(double.stdout)  # rank 0 alone prints
+    assert two["checkpoint"] == str(newest) and two["count"] == one["count"]
+    assert two["confusion"] == one["confusion"]
+    assert two["accuracy"] == one["accuracy"]
+    assert two["per_class_accuracy"] == one["per_class_accuracy"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+    single = run_cli(["evaluate", "--checkpoint", str(run_dir), "--split", "test"])
+    assert single.returncode == 0, single.stderr
+    assert f"test: 270 samples  loss {result.loss:.4f}  accuracy {result.accuracy:.4f}" in single.stdout
+    assert "per-class accuracy:" in single.stdout and "confusion matrix (rows: true class" in single.stdout
+
+
+def test_evaluate_val_reproduces_the_validation_of_training(newest):
+    """Same split, same normalisation: the checkpoint's recorded val loss comes out again."""
+    from dist_train.inference.evaluate import format_result
+
+    result, report = single_process_reference(newest, "val", 32)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert result.loss == pytest.approx(manifest["metrics"]["val_loss"], rel=1e-9)
+    assert result.accuracy == pytest.approx(manifest["metrics"]["val_accuracy"])
+    text = "\n".join(format_result(report))
+    assert f"val: {result.count} samples  loss {result.loss:.4f}" in text
+    assert "per-class accuracy:" in text and "confusion matrix (rows: true class" in text
