@@ -1,13 +1,14 @@
 """predict / evaluate / export against a real tiny training run (digits, one epoch, single process).
 
 Most commands run in this process through `cli.main.main` (fast, and the exit status and
-stderr line are the same ones the console script gives); one bad-input case and the
-evaluate comparison run as real processes, the latter also under a 2-rank torchrun.
+stderr line are the same ones the console script gives); evaluate also runs as a real
+2-rank torchrun job.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -16,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_torchrun
-from dist_train.cli.main import main
+from conftest import call_cli, run_cli, run_torchrun
 
 TRAIN = ["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "20", "--no-progress", "--log-every", "10"]
 
@@ -46,21 +46,28 @@ def digit_pngs(tmp_path_factory) -> list[Path]:
     paths = []
     for i in (0, 1, 2):
         path = folder / f"digit{raw.target[i]}-{i}.png"
-        Image.fromarray((raw.images[i] * 255 / 16).astype(np.uint8), mode="L").save(path)
+        Image.fromarray((raw.images[i] * 255 / 16).astype(np.uint8)).save(path)
         paths.append(path)
     nested = folder / "more"
     nested.mkdir()
-    big = Image.fromarray((raw.images[3] * 255 / 16).astype(np.uint8), mode="L").resize((32, 32)).convert("RGB")
+    big = Image.fromarray((raw.images[3] * 255 / 16).astype(np.uint8)).resize((32, 32)).convert("RGB")
     big.save(nested / "b-digit.png")
-    Image.fromarray((raw.images[4] * 255 / 16).astype(np.uint8), mode="L").save(nested / "a-digit.png")
+    Image.fromarray((raw.images[4] * 255 / 16).astype(np.uint8)).save(nested / "a-digit.png")
     (nested / "notes.txt").write_text("not an image, skipped inside folders")
     return paths
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The commands configure the dist_train logger (as every job does); put it back for other tests."""
+    logger = logging.getLogger("dist_train")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    return call_cli([str(a) for a in args], capsys)
 
 
 def reference(checkpoint: Path):
@@ -176,6 +183,30 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, run_dir, digit_pngs,
     assert re.search(pattern, err), err
 
 
+def test_a_run_dir_means_its_newest_valid_checkpoint(capsys, tmp_path, run_dir):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    refs = sorted(copy.glob("ckpt-*"))
+    damaged = refs[-1] / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")  # same size: only the sha256 catches it
+    code, out, err = cli(capsys, "predict", "--checkpoint", copy, "--samples", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["checkpoint"] == str(refs[-2]) and json.loads(out)["step"] == 20
+    assert f"skipping checkpoint {refs[-1]}" in err and "sha256" in err
+
+
+def test_predict_reads_a_checkpoint_on_s3(capsys, s3_env, s3_bucket, newest):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    for path in newest.iterdir():
+        client.put_object(Bucket=s3_bucket, Key=f"run/{newest.name}/{path.name}", Body=path.read_bytes())
+    code, out, err = cli(capsys, "predict", "--checkpoint", f"s3://{s3_bucket}/run", "--samples", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["checkpoint"] == f"s3://{s3_bucket}/run/{newest.name}" and len(report["predictions"]) == 2
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_export_loads_into_a_fresh_model_with_identical_outputs(capsys, tmp_path, monkeypatch, run_dir, newest,
                                                                 suffix):
@@ -262,10 +293,18 @@ def test_evaluate_under_two_rank_torchrun_equals_single_process(run_dir, newest)
     assert two["per_class_accuracy"] == one["per_class_accuracy"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
-    single = run_cli(["evaluate", "--checkpoint", str(run_dir), "--split", "test"])
-    assert single.returncode == 0, single.stderr
-    assert f"test: 270 samples  loss {result.loss:.4f}  accuracy {result.accuracy:.4f}" in single.stdout
-    assert "per-class accuracy:" in single.stdout and "confusion matrix (rows: true class" in single.stdout
+
+
+def test_evaluate_command_in_one_process_prints_loss_accuracy_and_confusion(capsys, run_dir, newest):
+    result, _ = single_process_reference(newest, "test", 16)
+    code, out, err = cli(capsys, "evaluate", "--checkpoint", run_dir, "--split", "test", "--batch-size", "16")
+    assert code == 0, err
+    assert out.startswith(f"checkpoint {newest} (step 40, cnn)\n")
+    assert f"test: 270 samples  loss {result.loss:.4f}  accuracy {result.accuracy:.4f}" in out
+    assert "per-class accuracy:" in out and "confusion matrix (rows: true class, columns: predicted):" in out
+    rows = [line.split() for line in out.splitlines()[-10:]]
+    assert [int(r[0]) for r in rows] == list(range(10))
+    assert [[int(v) for v in r[1:]] for r in rows] == result.confusion.tolist()
 
 
 def test_evaluate_val_reproduces_the_validation_of_training(newest):

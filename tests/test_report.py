@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, kill_group, run_cli, wait_for
-from dist_train.cli.main import main
+from conftest import PYTHON, REPO, base_env, call_cli, kill_group, run_cli, wait_for
 from dist_train.errors import EXIT_PREEMPTED
 from dist_train.report.history import parse_metrics
 
@@ -42,9 +41,7 @@ def resumed_run(tmp_path_factory) -> Path:
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_cli([str(a) for a in args], capsys)
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:

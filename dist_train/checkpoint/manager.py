@@ -81,6 +81,18 @@ class Checkpointer:
         """Rank 0's view: too many failed saves, or superseded (shared with the other ranks at a boundary)."""
         return self.superseded is not None or self.consecutive_failures >= self.max_consecutive_failures
 
+    @property
+    def writing(self) -> bool:
+        """A background save is still being written (rank 0, async mode)."""
+        return self._in_flight is not None and not self._in_flight.done()
+
+    def wait_written(self) -> None:
+        """Block until the save in flight is committed or has failed (failures are recorded, not raised)."""
+        self._wait_in_flight()
+
+    def wait_snapshot(self) -> None:
+        """Called before every optimizer update: the state must not change while a snapshot is taken."""
+
     def finish(self) -> bool:
         """Wait for the save in flight; True when the newest save succeeded."""
         self._wait_in_flight()

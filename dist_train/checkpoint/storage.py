@@ -38,10 +38,12 @@ UPLOAD_CONCURRENCY = 8
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed", "ConditionalRequestConflict",
                     "500", "502", "503", "504"}
-# botocore's own retries per HTTP request (standard mode: backoff, retry quota); `Storage._call`
-# retries the whole operation on top, so one operation makes at most
-# RetryPolicy.attempts * BOTOCORE_ATTEMPTS requests, and none starts after RetryPolicy.deadline.
-BOTOCORE_ATTEMPTS = 4
+# botocore tries each request up to this many times in all (standard mode: jittered backoff of up to
+# 1 s, then 2 s; a retry quota); `Storage._call` retries the whole operation on top, so one operation
+# makes at most RetryPolicy.attempts * BOTOCORE_ATTEMPTS requests (aiohttp may resend a request once
+# when a kept-alive connection turns out closed) and starts none after RetryPolicy.deadline. s3fs's
+# own retry loop is switched off so the layers do not multiply further.
+BOTOCORE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.is_s3 = protocol in ("s3", "s3a")
         if self.is_s3:
-            self.fs.retries = 1  # s3fs's own retry loop would multiply botocore's and ours (see BOTOCORE_ATTEMPTS)
+            self.fs.retries = 1  # see BOTOCORE_ATTEMPTS
         self._lock = threading.Lock()
 
     # -- naming -------------------------------------------------------------------------
@@ -484,7 +486,7 @@ def _s3_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Bounded botocore retries and timeouts, and AWS_ENDPOINT_URL for S3-compatible stores."""
     kwargs = dict(kwargs)
     config = dict(kwargs.pop("config_kwargs", {}) or {})
-    config.setdefault("retries", {"max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"})
+    config.setdefault("retries", {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"})
     config.setdefault("connect_timeout", 10)
     config.setdefault("read_timeout", 60)
     kwargs["config_kwargs"] = config

@@ -68,6 +68,17 @@ def _options(args: argparse.Namespace) -> dict:
     return value
 
 
+def _quiet_logging() -> None:
+    """Single-process commands: warnings (a skipped checkpoint) on stderr, in the job's log format."""
+    import logging
+
+    import torch
+
+    from dist_train.distributed.env import DistEnv, configure_logging
+
+    configure_logging(DistEnv(0, 1, 0, torch.device("cpu"), None), logging.WARNING)
+
+
 def _positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
@@ -80,6 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dist_train.inference.predict import find_images, format_predictions, predict_files, predict_samples
 
     _positive(args, "top_k", "samples", "batch_size")
+    _quiet_logging()
     files = find_images(args.inputs)
     loaded = load_model(args.checkpoint, _options(args), args.model, pick_device(args.device))
     bundle = rebuild_data(loaded, args.data_root)
@@ -102,15 +114,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_train.distributed.env import configure_logging, distributed
     from dist_train.inference.evaluate import evaluate_split, format_result, result_dict
-    from dist_train.inference.loading import load_model, rebuild_data
+    from dist_train.inference.loading import build_loaded, read_weights, rebuild_data
 
     _positive(args, "batch_size")
     options = _options(args)
     with distributed(args.device) as env:
         configure_logging(env)
+        # Rank 0 picks the checkpoint (a run dir may gain one meanwhile); the others read that same folder.
+        chosen = _on_every_rank(env, lambda: read_weights(args.checkpoint, options) if env.is_rank0 else None)
+        url = env.broadcast_object(chosen.url if chosen else None)
 
         def prepare():
-            loaded = load_model(args.checkpoint, options, args.model, env.device)
+            loaded = build_loaded(chosen or read_weights(url, options), args.model, env.device)
             return loaded, rebuild_data(loaded, args.data_root)
 
         loaded, bundle = _on_every_rank(env, prepare)
@@ -144,6 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dist_train.inference.loading import load_model
 
     check_targets(args.out, args.force)  # before reading anything: a refused export costs nothing
+    _quiet_logging()
     loaded = load_model(args.checkpoint, _options(args), args.model)
     written = export_model(loaded, args.out, args.force)
     print(f"exported {loaded.spec.name} weights of {loaded.url} (step {loaded.step})")

@@ -1,6 +1,6 @@
 """Shipping a checkpoint's weights: the model's state_dict alone, plus what deployment needs to rebuild it.
 
-`OUT` is `.safetensors` (safetensors.torch) or `.pt` (a plain dict of tensors that
+`OUT` is `.safetensors` (for `safetensors.torch.load_file`) or `.pt` (a plain dict of tensors that
 `torch.load(weights_only=True)` reads). Beside it go `OUT.json` (the `ModelSpec`,
 class names, digest and provenance) and `OUT.README.md` (a snippet that loads the
 file into the model class). Nothing is overwritten without `force`, and every file
@@ -54,7 +54,8 @@ def _encode(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]) 
 
 def _describe(loaded: LoadedModel, fmt: str, filename: str, digest: str) -> dict[str, Any]:
     manifest = loaded.manifest
-    data = ((manifest.get("config") or {}).get("data") or {}) if isinstance(manifest.get("config"), dict) else {}
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
     return {"file": filename, "format": fmt, "model": loaded.spec.as_dict(), "class_names": loaded.class_names,
             "model_digest": digest,
             "data": {"dataset": data.get("dataset"), "image_size": loaded.spec.image_size,

@@ -22,13 +22,13 @@ __all__ = ["launch", "plan_launch", "LaunchPlan", "Outcome", "shutdown_timeout",
 
 def launch(argv: list[str]) -> int:
     """Check, launch, wait; returns the exit status. Raises `UserError` for bad input."""
+    from dist_train.launcher import agent
+
+    agent.configure_logging()  # before planning: torch's option parsing warns about harmless things
     plan = plan_launch(argv)
     if plan.print_config:
         print(dump_yaml(plan.job), end="")
         return 0
-    from dist_train.launcher import agent
-
-    agent.configure_logging()
     result = agent.run(plan)
     print(f"dist-train launch: {result.summary}", file=sys.stderr, flush=True)
     return result.status

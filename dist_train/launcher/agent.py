@@ -79,6 +79,10 @@ def run(plan: LaunchPlan) -> oc.Outcome:
              "shutdown timeout %ss", config.nproc_per_node, config.min_nodes, config.max_nodes,
              config.rdzv_backend, config.rdzv_endpoint, config.run_id or "random", config.max_restarts,
              config.shutdown_timeout)
+    # With the agent's rendezvous store shared with the workers (torch's default since 2.5), restarted
+    # workers read the previous round's addresses and cannot connect (pytorch/pytorch#135712), which
+    # turns --max-restarts into "fail again". A per-round store on the rank-0 worker avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _handle_signals_during_rendezvous(config.signals_to_handle)
     try:
         elastic_launch(config, plan.entrypoint)(*plan.worker_args)

@@ -136,14 +136,11 @@ def _user_set(options: list[str], flag: str) -> bool:
 
 def plan_launch(argv: list[str]) -> LaunchPlan:
     """Everything checked and decided; nothing started. Raises `UserError` for bad input."""
+    from torch.distributed.run import config_from_args
+
     options, command = split_argv(argv)
     args = parse_torchrun_options(options, command)
     train_args, job = parse_train_command(command)
-    if not train_args.print_config:
-        check_storage(job)
-
-    from torch.distributed.run import config_from_args
-
     if args.max_restarts < 0:
         raise UserError(f"launch: --max-restarts must be >= 0, got {args.max_restarts}")
     _apply_rendezvous_defaults(args)
@@ -156,7 +153,9 @@ def plan_launch(argv: list[str]) -> LaunchPlan:
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise UserError(f"launch: {exc}") from None
     if args.rdzv_backend == "c10d" and "is_host" not in config.rdzv_configs and _user_set(options, "--node-rank"):
-        # Node 0 hosts the rendezvous store. Without this torch guesses from DNS, and a pod whose
+        # Node 0 hosts the rendezvous store. Left to itself torch guesses from DNS, and a pod whose
         # headless-Service record is not published yet would wrongly decide it is not the host.
         config.rdzv_configs["is_host"] = args.node_rank == 0
+    if not train_args.print_config:
+        check_storage(job)
     return LaunchPlan(config, entrypoint, list(worker_args), job, bool(train_args.print_config))

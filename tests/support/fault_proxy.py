@@ -4,8 +4,9 @@ At the configured rates it answers `503 SlowDown` (with S3's XML error body),
 `500 InternalError`, resets the TCP connection (SO_LINGER 0, so the client sees
 an RST) before or after forwarding the request, or stalls longer than the client's
 read timeout. `drop_conditional_puts = N` makes the next N `PUT`s carrying
-`If-None-Match` reach moto (the object is created) and then resets the connection
-instead of answering: the write happened, the client saw a reset.
+`If-None-Match` (whose path contains `drop_path_contains`) reach moto (the object is
+created) and then resets the connection instead of answering: the write happened,
+the client saw a reset.
 
 Point a client at it with `AWS_ENDPOINT_URL=proxy.url`. Faults are drawn from a
 seeded random generator, so a failing run can be replayed.
@@ -46,6 +47,7 @@ class FaultProxy:
                        stall=stall)
         self.stall_seconds = stall_seconds
         self.drop_conditional_puts = 0
+        self.drop_path_contains = ""
         self.counts: collections.Counter = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault or "ok")
         self._rng = random.Random(seed)
@@ -89,10 +91,11 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _pick(self, method: str, headers) -> str:
+    def _pick(self, method: str, path: str, headers) -> str:
         with self._lock:
             self.counts["requests"] += 1
-            if method == "PUT" and "If-None-Match" in headers and self.drop_conditional_puts > 0:
+            if method == "PUT" and "If-None-Match" in headers and self.drop_conditional_puts > 0 \
+                    and self.drop_path_contains in path:
                 self.drop_conditional_puts -= 1
                 fault = "drop_response"
             else:
@@ -141,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()
-        fault = proxy._pick(self.command, self.headers)
+        fault = proxy._pick(self.command, self.path, self.headers)
         proxy._note(self.command, self.path, fault)
         if fault == "reset_before":
             self._reset()

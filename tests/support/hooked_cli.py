@@ -1,0 +1,160 @@
+"""The real `dist-train` CLI with test hooks on `Storage`: log, pause at, or SIGKILL at a storage operation.
+
+    python tests/support/hooked_cli.py train --run-dir ...      # hooks from DT_HOOK_* variables
+    python tests/support/hooked_cli.py --serve                  # fork server (see below)
+
+Variables (every mutating storage operation is numbered from 1 in the order it starts):
+  DT_HOOK_LOG=FILE      append "N<TAB>operation<TAB>relative path" for each operation before it runs
+  DT_HOOK_KILL_AT=N     SIGKILL this process just before operation N
+  DT_HOOK_KILL_MID=1    ...or, when operation N writes a local file, after its first chunk reached the file
+  DT_HOOK_PAUSE=GLOB[|GLOB...]   at the first operation whose "operation:path" matches the K-th GLOB
+                        (K from 0), touch DT_HOOK_PAUSED.K and wait, before running it, until
+                        DT_HOOK_RELEASE.K exists
+
+`--serve` imports torch and dist_train once, then reads one JSON request a line on stdin
+({"argv": [...], "env": {...}, "out": FILE, "timeout": S}) and answers each with one JSON line
+({"rc": exit status or null, "signal": signal number or null}) after running the request in a
+forked child: the same CLI code in a fresh process, without paying the import each time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import signal
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def install_hooks() -> None:
+    from dist_train.checkpoint import storage as storage_mod
+
+    log_path = os.environ.get("DT_HOOK_LOG")
+    kill_at = int(os.environ.get("DT_HOOK_KILL_AT") or 0)
+    kill_mid = os.environ.get("DT_HOOK_KILL_MID") == "1"
+    pauses = [p for p in (os.environ.get("DT_HOOK_PAUSE") or "").split("|") if p]
+    paused_file, release_file = os.environ.get("DT_HOOK_PAUSED"), os.environ.get("DT_HOOK_RELEASE")
+    if not (log_path or kill_at or pauses):
+        return
+    state = {"n": 0, "armed": False, "paused": set()}
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def hook(operation: str, rel: str) -> None:
+        state["n"] += 1
+        if log_path:
+            with open(log_path, "a") as handle:
+                handle.write(f"{state['n']}\t{operation}\t{rel}\n")
+        for index, pattern in enumerate(pauses):
+            if index not in state["paused"] and fnmatch.fnmatch(f"{operation}:{rel}", pattern):
+                state["paused"].add(index)
+                open(f"{paused_file}.{index}", "w").close()
+                while not os.path.exists(f"{release_file}.{index}"):
+                    time.sleep(0.02)
+        if state["n"] == kill_at:
+            if kill_mid and operation == "write":
+                state["armed"] = True  # the chunk wrapper below kills once data reached the file
+            else:
+                die()
+
+    original_write = storage_mod.Storage.write
+
+    def write(self, rel, chunks, size):
+        if not (kill_mid and self.is_local):
+            return original_write(self, rel, chunks, size)
+
+        def watched():
+            for index, chunk in enumerate(chunks):
+                if index == 1 and state["armed"]:
+                    die()
+                yield chunk
+            if state["armed"]:
+                die()  # a one-chunk file: all of it written, never fsynced or closed
+        return original_write(self, rel, watched(), size)
+
+    storage_mod.Storage.write = write
+    storage_mod.Storage.hooks.append(hook)
+
+
+def run_cli(argv: list[str]) -> int:
+    from dist_train.cli.main import main
+
+    install_hooks()
+    return int(main(argv) or 0)
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become the requested process, run the CLI, never return."""
+    rc = 1
+    try:
+        os.setpgid(0, 0)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        fd = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.chdir(request.get("cwd") or REPO)
+        try:
+            rc = run_cli(request["argv"])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - what the interpreter would print
+            import traceback
+            traceback.print_exc()
+            rc = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(rc)
+
+
+def serve() -> None:
+    # Everything a job imports, loaded once before forking (no threads are started by imports).
+    import dist_train.cli.main  # noqa: F401
+    import dist_train.cli.ckpt  # noqa: F401
+    import dist_train.cli.train  # noqa: F401
+    import dist_train.training.job  # noqa: F401
+    import dist_train.data.datasets  # noqa: F401
+    import s3fs  # noqa: F401
+    import sklearn.datasets  # noqa: F401
+    import torch
+    import torchvision  # noqa: F401
+
+    torch.set_num_threads(1)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + float(request.get("timeout", 60))
+        status = None
+        while status is None:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = code
+            elif time.monotonic() > deadline:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                time.sleep(0.01)
+        answer = {"rc": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
+                  "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        raise SystemExit(run_cli(sys.argv[1:]))
