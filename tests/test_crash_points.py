@@ -129,7 +129,7 @@ def _resume_cleans_up(server: ForkServer, killed: str, env: dict | None) -> None
     assert result.rc == 0, result.output[-3000:]
     assert "resuming from" in result.output and "ckpt-g0001-s0000000020" in result.output, result.output
     listing = server.run(["ckpt", "list", killed, "--json"], env)
-    rows = json.loads(listing.output)
+    rows = json.loads(listing.stdout)
     assert all(row["valid"] for row in rows), rows
     assert [row["url"].rsplit("/", 1)[-1] for row in rows][-1] == "ckpt-g0002-s0000000040"
     assert not any("g0001-s0000000030" in row["url"] for row in rows), "partial folder was not cleaned up"

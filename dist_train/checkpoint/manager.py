@@ -115,8 +115,8 @@ class Checkpointer:
             fields = dict(snap.fields)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # pinned non_blocking copies must have landed
-            fields["model_digest"] = model_digest(snap.model)
-            committed = self.writer.commit(snap.step, snap.files(), fields)
+            committed = self.writer.commit(snap.step, snap.files(), fields,
+                                           deferred={"model_digest": lambda: model_digest(snap.model)})
         except SupersededError as exc:
             self.superseded = str(exc)
             log.error("checkpoint at step %d not committed: %s", snap.step, exc)

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.catalog import STAGING_PREFIX, checkpoint_name
@@ -37,6 +37,19 @@ class CommitConflict(StorageError):
     """Another writer committed a different manifest at the same name."""
 
 
+class _LateFields(dict):
+    """Manifest fields, some still being computed: `resolve()` waits for them."""
+
+    def __init__(self, fields: dict[str, Any], futures: dict[str, concurrent.futures.Future]):
+        super().__init__(fields)
+        self.futures = futures
+
+    def resolve(self) -> dict[str, Any]:
+        out = dict(self)
+        out.update({key: future.result() for key, future in self.futures.items()})
+        return out
+
+
 @dataclass(frozen=True)
 class Committed:
     name: str
@@ -50,14 +63,17 @@ def _payload(content: TensorFile | bytes) -> tuple[int, Iterable[Any]]:
     return len(content), [content]
 
 
-def _hashing(chunks: Iterable[Any], digest: "hashlib._Hash", pool: concurrent.futures.Executor,
-             pending: list) -> Iterator[Any]:
-    """Pass chunks through while one helper thread hashes them in order (hashlib drops the GIL)."""
-    for chunk in chunks:
-        pending.append(pool.submit(digest.update, chunk))
-        if len(pending) > 64:
-            pending.pop(0).result()
-        yield chunk
+# Hashing runs beside the writes, one thread per file plus the deferred manifest fields (the model
+# digest): sha256 is the most expensive part of a save, and hashlib drops the GIL on large blocks.
+HASH_THREADS = 4
+
+
+def _sha256(content: TensorFile | bytes) -> str:
+    """The file's sha256, read straight from the memory the writer writes from (no second copy)."""
+    digest = hashlib.sha256()
+    for chunk in _payload(content)[1]:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CheckpointWriter:
@@ -66,29 +82,42 @@ class CheckpointWriter:
         self.generation = generation
         self.writer_id = writer_id
         self.registry = registry
-        self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="ckpt-hash")
 
-    def _write_file(self, rel: str, content: TensorFile | bytes) -> dict[str, Any]:
-        size, chunks = _payload(content)
-        digest = hashlib.sha256()
-        pending: list = []
-        self.storage.write(rel, _hashing(chunks, digest, self._hash_pool, pending), size)
-        for future in pending:
-            future.result()
-        return {"size": size, "sha256": digest.hexdigest()}
+    def _write_files(self, folder: str, files: dict[str, TensorFile | bytes]) -> dict[str, Any]:
+        """Write the files one after the other while their sha256s are computed beside them."""
+        hashes = {rel: self._hash_pool.submit(_sha256, content) for rel, content in files.items()}
+        try:
+            table = {}
+            for rel, content in files.items():
+                size, chunks = _payload(content)
+                self.storage.write(f"{folder}/{rel}", chunks, size)
+                table[rel] = {"size": size, "sha256": hashes[rel].result()}
+            return table
+        finally:
+            for future in hashes.values():
+                future.cancel()
 
-    def commit(self, step: int, files: dict[str, TensorFile | bytes], fields: dict[str, Any]) -> Committed:
-        """Write `files` and commit them under a manifest holding `fields` plus the file table."""
+    def commit(self, step: int, files: dict[str, TensorFile | bytes], fields: dict[str, Any],
+               deferred: dict[str, Callable[[], Any]] | None = None) -> Committed:
+        """Write `files` and commit them under a manifest holding `fields` plus the file table.
+
+        `deferred` manifest fields (the model digest) are computed on the hashing threads
+        while the files are written, and waited for before the manifest.
+        """
         name = checkpoint_name(self.generation, step)
         for rel in files:
             if not mf.safe_relative_name(rel):
                 raise ValueError(f"unsafe checkpoint file name {rel!r}")
+        if deferred:
+            futures = {key: self._hash_pool.submit(compute) for key, compute in deferred.items()}
+            fields = _LateFields(fields, futures)
         if self.storage.is_local:
             return self._commit_by_rename(name, step, files, fields)
         return self._commit_by_conditional_put(name, step, files, fields)
 
     def _manifest(self, step: int, table: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-        manifest = dict(fields)
+        manifest = fields.resolve() if isinstance(fields, _LateFields) else dict(fields)
         manifest.update({"format_version": mf.FORMAT_VERSION, "step": step, "files": table,
                          "writer_id": self.writer_id, "generation": self.generation,
                          "created_at": mf.utc_now()})
@@ -98,7 +127,7 @@ class CheckpointWriter:
         staging = f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
         try:
             self.storage.makedirs(staging)
-            table = {rel: self._write_file(f"{staging}/{rel}", content) for rel, content in files.items()}
+            table = self._write_files(staging, files)
             manifest = self._manifest(step, table, fields)
             self.storage.write_bytes(f"{staging}/{mf.MANIFEST}", mf.encode(manifest))
             self.storage.sync_dir(staging)
@@ -120,7 +149,7 @@ class CheckpointWriter:
                 raise CommitConflict(f"{self.storage.url(name)} is being written by another writer")
         attempted_manifest = False
         try:
-            table = {rel: self._write_file(f"{name}/{rel}", content) for rel, content in files.items()}
+            table = self._write_files(name, files)
             manifest = self._manifest(step, table, fields)
             if self.registry:
                 self.registry.check_current(self.generation)

@@ -137,10 +137,10 @@ def choose_and_load(env: DistEnv, storage: Storage, resume: str, verify: str, sp
             log.info("resuming from %s (step %d, epoch %d)", candidate.url, candidate.manifest["step"],
                      candidate.manifest["epoch"])
             return payload
+        if explicit:  # the one error line says it all; no "skipping" warning before it
+            _agree(env, f"--resume {candidate.url} is not a valid checkpoint: {problems[0]}")
         if env.is_rank0:
             _skip(candidate.url, problems[0])
-        if explicit:
-            _agree(env, f"--resume {candidate.url} is not a valid checkpoint: {problems[0]}")
 
 
 def _has_manifest(storage: Storage, ref: catalog.CheckpointRef) -> bool:

@@ -22,7 +22,12 @@ SCRIPT = REPO / "tests" / "support" / "hooked_cli.py"
 class Result:
     rc: int | None
     signal: int | None
-    output: str
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
 
 
 class ForkServer:
@@ -42,12 +47,14 @@ class ForkServer:
         from conftest import base_env
 
         self.count += 1
-        out = self.workdir / f"forked-{self.count}.log"
-        request = {"argv": argv, "env": {**base_env(env), **(hooks or {})}, "out": str(out), "timeout": timeout}
+        out, err = self.workdir / f"forked-{self.count}.out", self.workdir / f"forked-{self.count}.err"
+        request = {"argv": argv, "env": {**base_env(env), **(hooks or {})}, "out": str(out), "err": str(err),
+                   "timeout": timeout}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())
-        return Result(answer["rc"], answer["signal"], out.read_text() if out.exists() else "")
+        return Result(answer["rc"], answer["signal"], out.read_text() if out.exists() else "",
+                      err.read_text() if err.exists() else "")
 
     def close(self) -> None:
         if self.proc.poll() is None:

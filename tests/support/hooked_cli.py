@@ -12,7 +12,7 @@ Variables (every mutating storage operation is numbered from 1 in the order it s
                         DT_HOOK_RELEASE.K exists
 
 `--serve` imports torch and dist_train once, then reads one JSON request a line on stdin
-({"argv": [...], "env": {...}, "out": FILE, "timeout": S}) and answers each with one JSON line
+({"argv": [...], "env": {...}, "out": FILE, "err": FILE, "timeout": S}) and answers each with one JSON line
 ({"rc": exit status or null, "signal": signal number or null}) after running the request in a
 forked child: the same CLI code in a fresh process, without paying the import each time.
 """
@@ -96,10 +96,10 @@ def _child(request: dict) -> None:
         os.setpgid(0, 0)
         os.environ.clear()
         os.environ.update(request["env"])
-        fd = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        for target, path in ((1, request["out"]), (2, request.get("err") or request["out"])):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, target)
+            os.close(fd)
         os.chdir(request.get("cwd") or REPO)
         try:
             rc = run_cli(request["argv"])
