@@ -47,15 +47,22 @@ class TrainingState:
         return total
 
     def snapshot_fn(self, buffers: SnapshotBuffers | None = None):
-        """The callable `Checkpointer.save` takes, built like `Trainer._snapshot`."""
+        """The callable `Checkpointer.save` takes, built like `Trainer._snapshot` (same deferred copies)."""
         def snapshot(rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:
-            grab = (buffers or SnapshotBuffers()).copy_tree if copy else to_cpu_tree
+            fill = None
+            if copy:
+                held = buffers or SnapshotBuffers()
+                params = {p.data_ptr() for p in self.model.parameters()}
+                model = held.copy_tree(self.model.state_dict(), defer=lambda t: t.data_ptr() in params)
+                optimizer = held.copy_tree(self.optimizer.state_dict(), defer=lambda t: True)
+                fill = held.take_pending()
+            else:
+                model, optimizer = to_cpu_tree(self.model.state_dict()), to_cpu_tree(self.optimizer.state_dict())
             trainer = {"progress": {"step": self.step, "epoch": 0}, "sampler": {"epoch": 0, "position": 0},
                        "rng": rng_states}
             fields = {"epoch": 0, "world_size": 1, "model": {"name": "bench-linear", "num_classes": WIDTH,
                                                              "in_channels": 1, "image_size": WIDTH}}
-            return Snapshot(self.step, grab(self.model.state_dict()), grab(self.optimizer.state_dict()),
-                            trainer, fields)
+            return Snapshot(self.step, model, optimizer, trainer, fields, fill)
         return snapshot
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -55,6 +56,7 @@ class Checkpointer:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer") \
             if (async_mode and env.is_rank0) else None
         self._in_flight: concurrent.futures.Future | None = None
+        self._snapshot_ready: threading.Event | None = None  # set once the deferred snapshot copy is done
         self._val_losses: dict[str, float | None] = {}
 
     # -- called by every rank -------------------------------------------------------------
@@ -71,7 +73,9 @@ class Checkpointer:
             snap = snapshot(rng_states, self.async_mode)
             snap.fields["reason"] = reason
             if self._pool is not None:
-                self._in_flight = self._pool.submit(self._write, snap)
+                ready = threading.Event() if snap.fill is not None else None
+                self._snapshot_ready = ready
+                self._in_flight = self._pool.submit(self._write, snap, ready)
             else:
                 self._write(snap)
         self.stall_seconds += time.perf_counter() - started
@@ -91,7 +95,20 @@ class Checkpointer:
         self._wait_in_flight()
 
     def wait_snapshot(self) -> None:
-        """Called before every optimizer update: the state must not change while a snapshot is taken."""
+        """Called before every optimizer update: the state must not change while a snapshot is taken.
+
+        An async save copies parameters and optimizer state in the writer thread while the
+        next forward and backward pass run; only if that copy is slower than them does the
+        training thread wait here (counted in `stall_seconds`).
+        """
+        ready = self._snapshot_ready
+        if ready is None:
+            return
+        if not ready.is_set():
+            started = time.perf_counter()
+            ready.wait()
+            self.stall_seconds += time.perf_counter() - started
+        self._snapshot_ready = None
 
     def finish(self) -> bool:
         """Wait for the save in flight; True when the newest save succeeded."""
@@ -108,10 +125,16 @@ class Checkpointer:
             self._in_flight.result()  # _write never raises: failures are recorded
             self._in_flight = None
 
-    def _write(self, snap: Snapshot) -> None:
+    def _write(self, snap: Snapshot, ready: threading.Event | None = None) -> None:
         assert self.writer is not None
         started = time.perf_counter()
         try:
+            try:
+                if snap.fill is not None:
+                    snap.fill()
+            finally:
+                if ready is not None:
+                    ready.set()
             fields = dict(snap.fields)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # pinned non_blocking copies must have landed

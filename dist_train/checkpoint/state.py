@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,12 +25,18 @@ TRAINER_FILE = "trainer.safetensors"
 
 @dataclass
 class Snapshot:
-    """CPU state taken at a step boundary; the writer serializes it (maybe in the background)."""
+    """CPU state taken at a step boundary; the writer serializes it (maybe in the background).
+
+    `fill`, when set, holds copies into the snapshot's buffers that were deferred to the
+    writer thread: it must run before the tensors are read, and the training thread must
+    not change the state until it has (`Checkpointer.wait_snapshot`).
+    """
     step: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     trainer: dict[str, Any]
     fields: dict[str, Any] = field(default_factory=dict)
+    fill: Callable[[], None] | None = None
 
     def files(self) -> dict[str, TensorFile]:
         return {MODEL_FILE: tensor_file(self.model, {"format": "pt"}),
@@ -43,35 +49,55 @@ class Snapshot:
 
 
 class SnapshotBuffers:
-    """Reused CPU buffers, so a background save costs the training thread one memory copy.
+    """Reused CPU buffers, so a background save costs the training thread at most one memory copy.
 
     Buffers are pinned when the source is on a GPU (faster device-to-host copies).
     Only one save is in flight at a time, so one set of buffers is enough.
+
+    Copies of CPU tensors that only the optimizer update changes (parameters, optimizer
+    state) can be deferred: `copy_tree(..., defer=...)` queues them and `take_pending()`
+    hands them to the writer thread, which copies while the next forward and backward
+    pass run (they read those tensors but do not write them).
     """
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def copy_tree(self, tree: Any, prefix: str = "") -> Any:
+    def copy_tree(self, tree: Any, prefix: str = "", defer: Callable[[torch.Tensor], bool] | None = None) -> Any:
         if isinstance(tree, torch.Tensor):
-            return self._copy(prefix, tree)
+            return self._copy(prefix, tree, defer)
         if isinstance(tree, dict):
-            return {k: self.copy_tree(v, f"{prefix}/{k}") for k, v in tree.items()}
+            return {k: self.copy_tree(v, f"{prefix}/{k}", defer) for k, v in tree.items()}
         if isinstance(tree, list):
-            return [self.copy_tree(v, f"{prefix}/{i}") for i, v in enumerate(tree)]
+            return [self.copy_tree(v, f"{prefix}/{i}", defer) for i, v in enumerate(tree)]
         if isinstance(tree, tuple):
-            return tuple(self.copy_tree(v, f"{prefix}/{i}") for i, v in enumerate(tree))
+            return tuple(self.copy_tree(v, f"{prefix}/{i}", defer) for i, v in enumerate(tree))
         return tree
 
-    def _copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _copy(self, key: str, tensor: torch.Tensor, defer: Callable[[torch.Tensor], bool] | None) -> torch.Tensor:
         tensor = tensor.detach()
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
                                  pin_memory=tensor.device.type == "cuda")
             self._buffers[key] = buffer
-        buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
+        if defer is not None and tensor.device.type == "cpu" and defer(tensor):
+            self._pending.append((buffer, tensor))
+        else:
+            buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
         return buffer
+
+    def take_pending(self) -> Callable[[], None] | None:
+        """The deferred copies as one callable, or None when every copy was made already."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+
+        def fill() -> None:
+            for buffer, source in pending:
+                buffer.copy_(source)
+        return fill
 
 
 def to_cpu_tree(tree: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import yaml
 
 from dist_train.checkpoint.config import CheckpointConfig
+from dist_train.checkpoint.storage import redact_url
 from dist_train.config.fields import allowed_choices, coerce, validate
 from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
 from dist_train.errors import UserError
@@ -42,6 +43,8 @@ class JobConfig:
                 value = getattr(section, f.name)
                 if redact_secrets and f.metadata["secret"] and value:
                     value = {k: "***" for k in value} if isinstance(value, dict) else "***"
+                elif redact_secrets and isinstance(value, str) and "@" in value and "://" in value:
+                    value = redact_url(value)  # a URL's user:password never reaches config.yaml or a manifest
                 values[f.name] = value
             out[section_name] = values
         return out
@@ -140,7 +143,8 @@ def resolve(args: argparse.Namespace) -> JobConfig:
         value, problem = coerce(raw, f.metadata)
         problem = problem or validate(value, f.metadata)
         if problem:
-            raise UserError(f"invalid {key} ({flag_name(key)}): {problem}, got {raw!r}")
+            shown = "a value that is not shown (it may hold credentials)" if f.metadata["secret"] else repr(raw)
+            raise UserError(f"invalid {key} ({flag_name(key)}): {problem}, got {shown}")
         setattr(getattr(config, section), key, value)
     _check_combinations(config)
     return config

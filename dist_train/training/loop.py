@@ -184,6 +184,7 @@ class Trainer:
             with torch.no_grad():
                 correct = ((logits.argmax(dim=1) == labels).float() * weight).sum()
                 self._tally += torch.stack([losses.sum().double(), correct.double(), weight.sum().double()])
+        self.checkpointer.wait_snapshot()  # an async save may still be copying the weights
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
@@ -245,7 +246,17 @@ class Trainer:
         self.checkpointer.save(self.progress.step, self._snapshot, reason)
 
     def _snapshot(self, rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:
-        grab = self.buffers.copy_tree if copy else to_cpu_tree
+        if copy:
+            # Parameters and optimizer state change only in the optimizer update, which waits for the
+            # snapshot (`wait_snapshot`): their copies run in the writer thread, during the next forward
+            # and backward pass. Buffers (BatchNorm statistics) change in the forward pass: copied now.
+            params = {p.data_ptr() for p in self.raw_model.parameters()}
+            model = self.buffers.copy_tree(self.raw_model.state_dict(), defer=lambda t: t.data_ptr() in params)
+            optimizer = self.buffers.copy_tree(self.optimizer.state_dict(), defer=lambda t: True)
+            fill = self.buffers.take_pending()
+        else:
+            model, optimizer, fill = to_cpu_tree(self.raw_model.state_dict()), \
+                to_cpu_tree(self.optimizer.state_dict()), None
         progress = self.progress
         sampler_state = self.sampler.state_dict()
         trainer = {"scheduler": scheduler_state(self.scheduler), "scaler": self.scaler.state_dict(),
@@ -259,8 +270,7 @@ class Trainer:
                   "class_names": self.data.class_names, "data_info": self.data.info,
                   "torch_version": torch.__version__, "dist_train_version": dist_train.__version__}
         fields = _clean(fields)
-        return Snapshot(progress.step, grab(self.raw_model.state_dict()), grab(self.optimizer.state_dict()),
-                        trainer, fields)
+        return Snapshot(progress.step, model, optimizer, trainer, fields, fill)
 
     # -- progress bar and sample log ----------------------------------------------------------
 

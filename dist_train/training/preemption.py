@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM/SIGUSR1 become a flag the ranks agree on at the next step boundary.
+"""Preemption: SIGTERM/SIGUSR1 (and Ctrl-C) become a flag the ranks agree on at the next step boundary.
 
 The signal is noticed by a watcher thread through `signal.set_wakeup_fd`, so it is
 seen even while the main thread is stuck inside a collective whose peer is gone.
@@ -20,7 +20,8 @@ import threading
 from dist_train.errors import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT too, so Ctrl-C also ends with a checkpoint; a second Ctrl-C interrupts at once.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionWatcher:
@@ -34,6 +35,7 @@ class PreemptionWatcher:
         self._previous_fd = -1
         self._reader: socket.socket | None = None
         self._writer: socket.socket | None = None
+        self._interrupts = 0
 
     def install(self) -> "PreemptionWatcher":
         if threading.current_thread() is not threading.main_thread():
@@ -59,6 +61,10 @@ class PreemptionWatcher:
                 sock.close()
 
     def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
         self._note(signum)
 
     def _watch(self) -> None:
