@@ -9,6 +9,9 @@ fi
 _stamp="$_root/.venv/.dist-train-installed"
 if [ ! -f "$_stamp" ] || [ "$_root/pyproject.toml" -nt "$_stamp" ]; then
     echo "installing dist_train and its dependencies into .venv (first run takes a few minutes)..." >&2
+    # An old pip (23.x) gives up resolving s3fs/fsspec pins that a current one solves.
+    "$_root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24" 2>&1 \
+        | grep -v "^WARNING: Location" >&2 || true
     "$_root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$_root[dev]" 2>&1 \
         | grep -v "^WARNING: Location" >&2 || true
     "$_root/.venv/bin/python" -c "import dist_train, torch, torchvision, s3fs, moto" \

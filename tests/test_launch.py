@@ -110,6 +110,12 @@ def test_plan_reads_torchrun_environment(tmp_path, clean_torchrun_env, monkeypat
 
 # --- real launchers ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("script", ["common.sh", "single-node.sh", "multi-node.sh", "slurm.sbatch"])
+def test_launch_scripts_are_valid_bash(script):
+    result = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def launch_cmd(options: list[str], train: list[str]) -> list[str]:
     return ["launch", *options, "--", "train", *train]
 

@@ -29,7 +29,7 @@ from dist_train.checkpoint.state import Snapshot
 from dist_train.checkpoint.storage import Storage, describe_error
 from dist_train.checkpoint.writer import CheckpointWriter, Committed
 from dist_train.distributed.env import DistEnv
-from dist_train.errors import SupersededError
+from dist_train.errors import StorageError, SupersededError
 from dist_train.training.determinism import capture_rng_state
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Checkpointer:
             self.superseded = str(exc)
             log.error("checkpoint at step %d not committed: %s", snap.step, exc)
             return
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, StorageError) as exc:  # StorageError: e.g. CommitConflict
             self.consecutive_failures += 1
             log.error("checkpoint at step %d failed (%d in a row, stop after %d): %s", snap.step,
                       self.consecutive_failures, self.max_consecutive_failures, describe_error(exc))

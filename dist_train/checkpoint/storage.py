@@ -482,6 +482,8 @@ class Storage:
             raise UserError(f"run dir {self.display_url}: bucket or container does not exist") from None
         except PermissionError:
             raise UserError(f"run dir {self.display_url}: access denied (check the credentials)") from None
+        except TypeError as exc:  # s3fs builds its session on first use: an unknown option shows up here
+            raise UserError(f"run dir {self.display_url}: storage options do not fit ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
             raise UserError(f"run dir {self.display_url}: storage not reachable ({describe_error(exc)})") from None
 

@@ -50,6 +50,9 @@ def configure_logging() -> None:
     for name in ("", "torch", "torch.distributed"):
         for torch_handler in logging.getLogger(name).handlers:
             torch_handler.addFilter(quiet)
+    if not os.environ.get("LOGLEVEL"):
+        # Worker-group restarts are logged at INFO; the filter lets only those through.
+        logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.INFO)
 
 
 def _raise_signal_exception(signum: int, frame) -> None:
@@ -79,10 +82,12 @@ def run(plan: LaunchPlan) -> oc.Outcome:
              "shutdown timeout %ss", config.nproc_per_node, config.min_nodes, config.max_nodes,
              config.rdzv_backend, config.rdzv_endpoint, config.run_id or "random", config.max_restarts,
              config.shutdown_timeout)
-    # With the agent's rendezvous store shared with the workers (torch's default since 2.5), restarted
-    # workers read the previous round's addresses and cannot connect (pytorch/pytorch#135712), which
-    # turns --max-restarts into "fail again". A per-round store on the rank-0 worker avoids it.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if config.max_restarts > 0:
+        # With the agent's rendezvous store shared with the workers (torch's default since 2.5),
+        # restarted workers read the previous round's addresses and cannot connect
+        # (pytorch/pytorch#135712): every restart would fail again. A store per round, hosted by
+        # the rank-0 worker, avoids that; without restarts torch's default stays.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _handle_signals_during_rendezvous(config.signals_to_handle)
     try:
         elastic_launch(config, plan.entrypoint)(*plan.worker_args)
