@@ -210,6 +210,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(row, tmp_path, reque
     assert written() == before, "a refused command wrote or deleted something"
 
 
+@pytest.mark.timeout(120)
 def test_forked_cli_matches_a_fresh_interpreter(tmp_path):
     """The fork server prints what `python -m dist_train` prints (nothing extra at import time)."""
     argv = _train("--lr", "-1")(Ctx(tmp_path, str(tmp_path / "run")))

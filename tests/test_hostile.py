@@ -123,6 +123,7 @@ def test_malicious_pretrained_weights_are_refused(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "trainer.safetensors"])
 def test_every_checkpoint_file_is_parsed_without_unpickling(trained, tmp_path, name):
     from dist_train.checkpoint.state import CorruptCheckpoint, read_payload
@@ -162,6 +163,7 @@ def _bad_manifests(victim: Path) -> list[tuple[str, object, str]]:
     ]
 
 
+@pytest.mark.timeout(120)
 def test_hostile_manifests_are_refused(trained, tmp_path):
     """Names that leave the folder and absurd sizes make a checkpoint invalid, whatever the files hold."""
     from dist_train.checkpoint import catalog

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, kill_group, manifests, run_cli, wait_for
+from conftest import PYTHON, REPO, base_env, free_port, kill_group, manifests, run_cli, wait_for
 from dist_train.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, EXIT_SUPERSEDED, UserError
 from dist_train.launcher import outcome, plan_launch, shutdown_timeout
 from dist_train.launcher.plan import split_argv
@@ -44,6 +44,8 @@ def test_launcher_signals():
     assert outcome.from_signal(signal.SIGTERM).status == EXIT_PREEMPTED
     assert outcome.from_signal(signal.SIGUSR1).status == EXIT_PREEMPTED
     assert outcome.from_signal(signal.SIGINT).status == 128 + signal.SIGINT
+    early = outcome.from_signal(signal.SIGTERM, workers_started=False)
+    assert early.status == EXIT_PREEMPTED and "before the workers started" in early.summary
 
 
 # --- planning (in-process: nothing is started) -------------------------------------------------
@@ -133,11 +135,36 @@ def test_bad_flag_exits_2_before_any_worker(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_sigterm_while_waiting_for_other_nodes_exits_75(tmp_path):
+    """A pod deleted while its launcher waits in the rendezvous reports "preempted", not a crash (143)."""
+    log_path = tmp_path / "launch.log"
+    cmd = [PYTHON, "-m", "dist_train", *launch_cmd(
+        ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+         "--node-rank", "0"], ["--run-dir", str(tmp_path / "run")])]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=base_env(), cwd=REPO,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: "launch INFO" in log_path.read_text() or proc.poll() is not None, timeout=45,
+                 what="the launcher to start its rendezvous")
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+    finally:
+        kill_group(proc)
+    output = log_path.read_text()
+    assert status == EXIT_PREEMPTED, output
+    assert "before the workers started" in output.strip().splitlines()[-1]
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_worker_bad_input_exits_2(tmp_path):
-    """A problem only the workers can find (here: --resume names no checkpoint) still exits 2."""
+    """A problem only the workers can find (here: --resume names no checkpoint) still exits 2.
+
+    One worker keeps it cheap; how several workers' statuses combine is test_status_of_worker_exit_codes."""
     run_dir = tmp_path / "run"
-    result = run_cli(launch_cmd(["--standalone", "--nproc-per-node", "2"],
+    result = run_cli(launch_cmd(["--standalone", "--nproc-per-node", "1"],
                                 ["--run-dir", str(run_dir), "--resume", str(tmp_path / "missing"), *TINY_LAUNCH]),
                      timeout=110)
     assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]

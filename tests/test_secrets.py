@@ -74,6 +74,7 @@ def test_credentials_never_leave_the_environment(s3_env, s3_bucket, moto_endpoin
     assert " DEBUG " not in everything and "botocore" not in everything, "library debug logging is on"
 
 
+@pytest.mark.timeout(60)
 def test_library_debug_logging_is_off_by_default():
     """The job's logging setup leaves botocore, s3fs and urllib3 at their quiet defaults."""
     import torch

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import run_cli
+from support.forkserver import shared
 from support.hooked import HookedJob
 
 JOB = ["train", "--max-steps", "30", "--checkpoint-every", "10", "--keep-last", "3", "--epochs", "1",
@@ -47,8 +47,8 @@ def test_zombie_attempt_cannot_commit_over_newer_attempt(backend, tmp_path, requ
                        pauses=["write:*ckpt-g0001-s0000000020*/trainer.safetensors"])
     try:
         zombie.wait_paused(0)
-        newer = run_cli([*JOB, "--run-dir", run_dir, "--resume", "auto"], env=env)
-        assert newer.returncode == 0, newer.stderr[-3000:]
+        newer = shared().run([*JOB, "--run-dir", run_dir, "--resume", "auto"], env=env)
+        assert newer.rc == 0, newer.output[-3000:]
         assert "resuming from" in newer.stderr and "ckpt-g0001-s0000000010" in newer.stderr, newer.stderr
         storage = Storage(run_dir)
         newer_refs = [r for r in catalog.list_checkpoints(storage) if r.generation == 2]
@@ -71,6 +71,7 @@ def test_zombie_attempt_cannot_commit_over_newer_attempt(backend, tmp_path, requ
     assert not leftovers, leftovers
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_two_attempts_racing_for_a_generation_get_different_ones(backend, tmp_path, request):
     """Both read `latest()` before either creates: the conditional create lets only one have it."""

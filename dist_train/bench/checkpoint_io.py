@@ -155,7 +155,7 @@ class CheckpointBench:
         results = alternate(self.repeats, {"sync": self.sync_save, "async": self.async_save, "raw": self.raw_write})
         sync, asyncs, raw = results["sync"], results["async"], results["raw"]
         nbytes = self.saved_bytes
-        stall = Figure("stall_ratio", "training-thread stall of an async save / time of a sync save", "<= 0.05")
+        stall = Figure("stall_ratio", "async-save stall / sync save time", "<= 0.05")
         stall.ratios = [a.stall / s for a, s in zip(asyncs, sync)]
         stall.raw = {"state_bytes": nbytes, "sync_save_s": sync, "async_stall_s": [a.stall for a in asyncs],
                      "async_time_lost_s": [a.lost for a in asyncs],
@@ -166,7 +166,7 @@ class CheckpointBench:
         stall.notes.append("stall: training thread blocked in save() plus waiting for the snapshot copy before "
                            "the next optimizer update; time_lost_over_sync also counts the slowdown of the steps "
                            "that ran while the background write competed for the CPU")
-        eff = Figure("save_efficiency", "sync save throughput / raw write+fsync of the same bytes", ">= 0.80")
+        eff = Figure("save_efficiency", "raw write+fsync time / sync save time", ">= 0.80")
         eff.ratios = [r / s for r, s in zip(raw, sync)]
         eff.raw = {"bytes": nbytes, "sync_save_s": sync, "raw_write_fsync_s": raw,
                    "sync_MBps": [nbytes / s / 1e6 for s in sync], "raw_MBps": [nbytes / r / 1e6 for r in raw]}
@@ -190,8 +190,8 @@ class CheckpointBench:
         finally:
             writer.close()
         thread, process = results["thread"], results["process"]
-        figure = Figure("async_thread_vs_process", "training time lost to an async save: writer process / "
-                        "writer thread (< 1: the process stalls training less)", "<= 1.0")
+        figure = Figure("async_thread_vs_process", "training time lost to an async save: writer "
+                        "process / writer thread", "")
         figure.ratios = [p.lost / t.lost if t.lost > 0 else float("nan") for p, t in zip(process, thread)]
         figure.raw = {"thread_stall_s": [t.stall for t in thread], "process_stall_s": [p.stall for p in process],
                       "thread_time_lost_s": [t.lost for t in thread],
@@ -213,7 +213,7 @@ def run(work_dir: str, state_bytes: int, repeats: int, compare_process: bool = T
             try:
                 figures.append(bench.thread_vs_process())
             except Exception as exc:  # noqa: BLE001 - an optional comparison must not sink the rest
-                figure = Figure("async_thread_vs_process", "writer process / writer thread", "<= 1.0")
+                figure = Figure("async_thread_vs_process", "writer process / writer thread", "")
                 figure.error = repr(exc)
                 figures.append(figure)
         return figures

@@ -21,7 +21,7 @@ class Figure:
     """One benchmark result: per-repetition ratios plus the raw measurements behind them."""
     key: str
     what: str
-    target: str  # e.g. "<= 0.05"
+    target: str  # e.g. "<= 0.05"; "" for a figure reported for information
     ratios: list[float] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -33,7 +33,7 @@ class Figure:
 
     @property
     def met(self) -> bool | None:
-        if self.value is None:
+        if self.value is None or not self.target:
             return None
         op, bound = self.target.split()
         return self.value <= float(bound) if op == "<=" else self.value >= float(bound)

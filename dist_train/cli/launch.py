@@ -42,8 +42,8 @@ def _print_help() -> None:
 
     print(f"usage: {USAGE}\n\n{DESCRIPTION.strip()}\n\ntorchrun options (before '--'); each also reads "
           "its PET_* environment variable:\n")
-    text = torchrun_parser().format_help()
-    print(text.split("options:", 1)[-1].rstrip())
+    options = torchrun_parser().format_help().split("options:", 1)[-1].strip("\n").splitlines()
+    print("\n".join(line for line in options if not line.lstrip().startswith("-h, --help")))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -43,3 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+
+
+def run() -> None:
+    """Process entry point (console script and `python -m dist_train`).
+
+    A torchrun worker leaves with `os._exit` once its output is flushed and its process group is
+    torn down: C++ destructors of the distributed runtime at interpreter exit can otherwise abort
+    now and then, turning a meaningful exit status (2, 75) into a crash.
+    """
+    code = main()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+    sys.exit(code)

@@ -13,6 +13,11 @@ import os
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import RendezvousError
+from torch.distributed.launcher.api import elastic_launch
+
 from dist_train.launcher import outcome as oc
 from dist_train.launcher.plan import LaunchPlan
 
@@ -39,8 +44,6 @@ class _QuietTorch(logging.Filter):
 
 
 def configure_logging() -> None:
-    import torch.distributed.run  # noqa: F401 - torch attaches its stderr handlers on import
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s launch %(levelname)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
@@ -55,11 +58,13 @@ def configure_logging() -> None:
         logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.INFO)
 
 
-def _raise_signal_exception(signum: int, frame) -> None:
-    from torch.distributed.elastic.multiprocessing import SignalException
+class _EarlySignal(SignalException):
+    """A signal that arrived before torch installed its own handlers: no worker has started yet."""
 
+
+def _raise_signal_exception(signum: int, frame) -> None:
     sig = signal.Signals(signum)
-    raise SignalException(f"launcher got {sig.name}", sigval=sig)
+    raise _EarlySignal(f"launcher got {sig.name} before the workers started", sigval=sig)
 
 
 def _handle_signals_during_rendezvous(names: str) -> None:
@@ -72,11 +77,6 @@ def _handle_signals_during_rendezvous(names: str) -> None:
 
 
 def run(plan: LaunchPlan) -> oc.Outcome:
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.launcher.api import elastic_launch
-
     config = plan.config
     log.info("%d worker(s) per node, nodes %d:%d, rendezvous %s at %s (id %s), max restarts %d, "
              "shutdown timeout %ss", config.nproc_per_node, config.min_nodes, config.max_nodes,
@@ -94,7 +94,7 @@ def run(plan: LaunchPlan) -> oc.Outcome:
     except ChildFailedError as exc:
         return oc.from_worker_failures({rank: failure.exitcode for rank, failure in exc.failures.items()})
     except SignalException as exc:
-        return oc.from_signal(exc.sigval)
+        return oc.from_signal(exc.sigval, workers_started=not isinstance(exc, _EarlySignal))
     except RendezvousError as exc:
         return oc.Outcome(oc.EXIT_FAILURE, f"rendezvous failed: {type(exc).__name__}: {exc}; exit status 1")
     return oc.finished()

@@ -61,13 +61,17 @@ def from_worker_failures(exit_codes: Mapping[int, int]) -> Outcome:
     return Outcome(status, f"workers stopped ({ranks}); exit status {status} ({MEANING[status]})")
 
 
-def from_signal(sig: signal.Signals) -> Outcome:
+def from_signal(sig: signal.Signals, workers_started: bool = True) -> Outcome:
     """The launcher itself was signalled; it forwarded the signal to the workers and waited for them."""
-    if sig in PREEMPTION_SIGNALS:
-        return Outcome(EXIT_PREEMPTED, f"{sig.name} received: forwarded to the workers, which commit a "
-                                       f"checkpoint before they stop; exit status {EXIT_PREEMPTED} "
-                                       f"({MEANING[EXIT_PREEMPTED]})")
-    return Outcome(128 + int(sig), f"{sig.name} received: workers stopped; exit status {128 + int(sig)}")
+    if not workers_started:
+        what = "before the workers started (nothing to save)"
+    elif sig in PREEMPTION_SIGNALS:
+        what = "forwarded to the workers, which commit a checkpoint before they stop"
+    else:
+        what = "workers stopped"
+    status = EXIT_PREEMPTED if sig in PREEMPTION_SIGNALS else 128 + int(sig)
+    meaning = f" ({MEANING[status]})" if status in MEANING else ""
+    return Outcome(status, f"{sig.name} received: {what}; exit status {status}{meaning}")
 
 
 def finished() -> Outcome:

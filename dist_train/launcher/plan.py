@@ -2,7 +2,8 @@
 
 The command line is torchrun's options, `--`, then the `train` command:
 
-    dist-train launch --nnodes 2 --nproc-per-node 2 --rdzv-endpoint host:29400 -- train --config job.yaml
+    dist-train launch --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint host:29400 \
+        --node-rank 0 -- train --config job.yaml
 
 torchrun's options are read by torchrun's own parser (`torch.distributed.run`), so
 every option, its spelling and its `PET_*` environment default (which the Kubeflow

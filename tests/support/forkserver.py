@@ -56,6 +56,24 @@ class ForkServer:
         return Result(answer["rc"], answer["signal"], out.read_text() if out.exists() else "",
                       err.read_text() if err.exists() else "")
 
+    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+              hooks: dict[str, str] | None = None) -> int:
+        """Start a CLI process and return its pid at once (stdout and stderr go to `log`); see `wait`."""
+        from conftest import base_env
+
+        request = {"argv": argv, "env": {**base_env(env), **(hooks or {})}, "out": str(log), "async": True}
+        return int(self._ask(request)["pid"])
+
+    def wait(self, pid: int, timeout: float = 120) -> tuple[int | None, int | None]:
+        """(exit status, signal) of a process from `start`, killed if it outlives `timeout`."""
+        answer = self._ask({"wait": pid, "timeout": timeout})
+        return answer["rc"], answer["signal"]
+
+    def _ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()

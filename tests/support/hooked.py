@@ -1,17 +1,20 @@
-"""A real `dist-train` process (via `hooked_cli.py`) that pauses at chosen storage operations.
+"""A `dist-train` process with storage hooks that pauses at chosen storage operations.
 
 The test acts while the job waits (fills a disk, starts a newer attempt, changes permissions), then
-releases it: exact interleavings instead of sleeps and luck.
+releases it: exact interleavings instead of sleeps and luck. The process is forked from the shared
+fork server, or, when it needs a command prefix (e.g. `setpriv` to drop capabilities), started as
+`python tests/support/hooked_cli.py ...`.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
-from support.forkserver import REPO, SCRIPT
+from support.forkserver import REPO, SCRIPT, shared
 
 
 class HookedJob:
@@ -23,23 +26,39 @@ class HookedJob:
         self.paused = workdir / "paused"
         self.release_file = workdir / "release"
         self.log_path = workdir / "job.log"
-        full_env = base_env(env)
-        full_env.update({"DT_HOOK_PAUSE": "|".join(pauses), "DT_HOOK_PAUSED": str(self.paused),
-                         "DT_HOOK_RELEASE": str(self.release_file)})
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([*(prefix or []), PYTHON, str(SCRIPT), *argv], stdout=log,
-                                         stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
+        self.log_path.touch()
+        hooks = {"DT_HOOK_PAUSE": "|".join(pauses), "DT_HOOK_PAUSED": str(self.paused),
+                 "DT_HOOK_RELEASE": str(self.release_file)}
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.status: int | None = None
+        if prefix:
+            with open(self.log_path, "w") as log:
+                self.proc = subprocess.Popen([*prefix, PYTHON, str(SCRIPT), *argv], stdout=log,
+                                             stderr=subprocess.STDOUT, env={**base_env(env), **hooks}, cwd=REPO,
+                                             start_new_session=True)
+        else:
+            self.pid = shared().start(argv, self.log_path, env, hooks)
 
     @property
     def output(self) -> str:
         return self.log_path.read_text()
 
+    def _exited(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except OSError:
+            return True
+
     def wait_paused(self, index: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         marker = Path(f"{self.paused}.{index}")
         while not marker.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"job exited ({self.proc.returncode}) before pause {index}:\n{self.output}")
+            if self._exited():
+                raise AssertionError(f"job exited ({self.finish()}) before pause {index}:\n{self.output}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"job did not reach pause {index}:\n{self.output}")
             time.sleep(0.02)
@@ -47,13 +66,26 @@ class HookedJob:
     def release(self, index: int) -> None:
         Path(f"{self.release_file}.{index}").touch()
 
-    def finish(self, timeout: float = 120) -> int:
-        return self.proc.wait(timeout=timeout)
+    def finish(self, timeout: float = 120) -> int | None:
+        """The exit status (None when killed by a signal)."""
+        if self.status is not None or (self.proc is None and self.pid is None):
+            return self.status
+        if self.proc is not None:
+            self.status = self.proc.wait(timeout=timeout)
+        else:
+            self.status, _ = shared().wait(self.pid, timeout)
+            self.pid = None
+        return self.status
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        """Make sure nothing is left running (a no-op after `finish`)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        elif self.pid is not None:
             try:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.proc.wait()
+            shared().wait(self.pid, 30)
+            self.pid = None

@@ -14,7 +14,8 @@ Variables (every mutating storage operation is numbered from 1 in the order it s
 `--serve` imports torch and dist_train once, then reads one JSON request a line on stdin
 ({"argv": [...], "env": {...}, "out": FILE, "err": FILE, "timeout": S}) and answers each with one JSON line
 ({"rc": exit status or null, "signal": signal number or null}) after running the request in a
-forked child: the same CLI code in a fresh process, without paying the import each time.
+forked child: the same CLI code in a fresh process, without paying the import each time. With
+"async": true the answer is {"pid": N} at once, and {"wait": N} later gives the exit status.
 """
 
 from __future__ import annotations
@@ -134,23 +135,32 @@ def serve() -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if "wait" in request:  # the end of an earlier {"async": true} request
+            print(json.dumps(_wait(int(request["wait"]), float(request.get("timeout", 60)))), flush=True)
+            continue
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             _child(request)
-        deadline = time.monotonic() + float(request.get("timeout", 60))
-        status = None
-        while status is None:
-            done, code = os.waitpid(pid, os.WNOHANG)
-            if done:
-                status = code
-            elif time.monotonic() > deadline:
+        if request.get("async"):
+            print(json.dumps({"pid": pid}), flush=True)
+            continue
+        print(json.dumps(_wait(pid, float(request.get("timeout", 60)))), flush=True)
+
+
+def _wait(pid: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"rc": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
+                    "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+        if time.monotonic() > deadline:
+            try:
                 os.killpg(pid, signal.SIGKILL)
-            else:
-                time.sleep(0.01)
-        answer = {"rc": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
-                  "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
-        print(json.dumps(answer), flush=True)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
 
 
 if __name__ == "__main__":
