@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, base_env, kill_group, manifests, run_cli, run_torchrun, start_torchrun, wait_for
+from conftest import (PYTHON, REPO, TINY, base_env, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
+                      wait_for)
 from dist_train.data.config import DataConfig
 from dist_train.data.datasets import build_datasets
 from dist_train.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
@@ -79,9 +80,19 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def interrupt(run_dir: Path, trigger, action: str, log: Path, nproc: int = 2, extra: list[str] = (),
-              torchrun_extra: list[str] | None = None, timeout: float = 150) -> int:
-    """Start the job, wait for `trigger`, then SIGTERM the launcher / SIGTERM rank 1 only / SIGKILL all."""
-    proc = start_torchrun(nproc, train_args(run_dir, *extra), log_path=log, extra=torchrun_extra)
+              launcher: list[str] | None = None, timeout: float = 150) -> int:
+    """Start the job, wait for `trigger`, then SIGTERM the launcher / SIGTERM rank 1 only / SIGKILL all.
+
+    With `launcher` options the job runs under `dist-train launch` (torchrun's agent with restarts
+    that work: plain torchrun's restarted workers can reuse a stale store, pytorch#135712).
+    """
+    if launcher is None:
+        proc = start_torchrun(nproc, train_args(run_dir, *extra), log_path=log)
+    else:
+        proc = subprocess.Popen([PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node",
+                                 str(nproc), *launcher, "--", *train_args(run_dir, *extra)],
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=base_env(), cwd=REPO,
+                                start_new_session=True)
     try:
         wait_for(trigger, timeout, interval=0.005, what=f"trigger in {log.read_text()[-2000:]}")
         if action == "term":
@@ -145,9 +156,9 @@ def test_epoch_boundary_then_worker_only_signal_restarted_by_torchrun(tmp_path, 
     boundary = last_preempted(run_dir, tmp_path / "a.log")
     assert boundary["sampler"]["position"] == 0 or boundary["step"] > 40
     # Only rank 1 is signalled: both ranks agree at the same step, commit, and exit "preempted";
-    # torchrun --max-restarts starts them again and they resume by themselves.
+    # the agent (`dist-train launch`, torchrun's agent) restarts them and they resume by themselves.
     code = interrupt(run_dir, committed(run_dir, after=boundary["step"] + 6), "term-worker", tmp_path / "b.log",
-                     extra=["--sample-log", str(samples)], torchrun_extra=["--max-restarts", "1"])
+                     extra=["--sample-log", str(samples)], launcher=["--max-restarts", "1"])
     assert code == 0, (tmp_path / "b.log").read_text()[-3000:]
     log = (tmp_path / "b.log").read_text()
     assert "SIGTERM received" in log and "resuming from" in log

@@ -9,7 +9,8 @@ from dist_train.errors import UserError
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # "" for the top-level parser, "ckpt list" for a sub-command
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def subparsers(parser: argparse.ArgumentParser, dest: str):
