@@ -15,6 +15,25 @@ EXIT_SUPERSEDED = 3
 EXIT_PREEMPTED = 75
 
 
+def exit_now(status: int) -> None:
+    """Leave this process at once with `status`, logs and standard streams flushed first.
+
+    Used where the interpreter's normal shutdown is not wanted: a torchrun worker after its
+    process group is torn down, or a rank past its preemption deadline.
+    """
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not keep us here
+            pass
+    os._exit(status)
+
+
 class UserError(Exception):
     """A problem the user can fix: reported as one line, exit status 2."""
 

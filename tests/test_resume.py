@@ -23,7 +23,7 @@ from conftest import (PYTHON, REPO, TINY, base_env, kill_group, manifests, run_c
                       wait_for)
 from dist_train.data.config import DataConfig
 from dist_train.data.datasets import build_datasets
-from dist_train.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from dist_train.errors import EXIT_BAD_INPUT
 
 # Dropout makes RNG state matter; width makes a save take long enough to be interrupted.
 DET = ["--model", "mlp", "--width", "1024", "--dropout", "0.1", "--epochs", "2", "--batch-size", "16",

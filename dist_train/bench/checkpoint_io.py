@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 

@@ -27,7 +27,8 @@ MB = 2**20
 @dataclass
 class Settings:
     name: str
-    repeats: int
+    repeats: int  # A/B repetitions of the torchrun families (training, resume) and of S3
+    io_repeats: int  # of the local checkpoint I/O family (seconds each: more repetitions are cheap)
     state_bytes: int  # training state saved by the I/O benchmarks
     s3_bytes: int
     workload: Workload = field(default_factory=Workload)
@@ -41,16 +42,16 @@ class Settings:
 
 def settings_for(name: str) -> Settings:
     if name == "tiny":  # the test suite's smoke run: every code path, no meaningful numbers
-        return Settings("tiny", 1, 4 * MB, 4 * MB, Workload("mlp", "3,8,8", 8, 2, 4, 2), compare_process=True)
+        return Settings("tiny", 1, 1, 4 * MB, 4 * MB, Workload("mlp", "3,8,8", 8, 2, 4, 2))
     if name == "quick":
-        return Settings("quick", 3, 200 * MB, 128 * MB, Workload("cnn", "3,32,32", 64, 5, 20, 5))
-    return Settings("full", 5, 1024 * MB, 512 * MB, Workload("resnet18", "3,32,32", 32, 5, 30, 5))
+        return Settings("quick", 3, 5, 200 * MB, 128 * MB, Workload("cnn", "3,32,32", 128, 4, 16, 4))
+    return Settings("full", 5, 7, 1024 * MB, 512 * MB, Workload("resnet18", "3,32,32", 64, 5, 20, 5))
 
 
 def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]) -> list[Figure]:
     if name == "io":
         from dist_train.bench import checkpoint_io
-        return checkpoint_io.run(work_dir, settings.state_bytes, settings.repeats, settings.compare_process)
+        return checkpoint_io.run(work_dir, settings.state_bytes, settings.io_repeats, settings.compare_process)
     if name == "s3":
         from dist_train.bench import s3
         return s3.run(settings.s3_bytes, settings.repeats)

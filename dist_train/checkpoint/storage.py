@@ -337,7 +337,11 @@ class Storage:
             call = self.fs._call_s3
             mpu = await call("create_multipart_upload", Bucket=bucket, Key=key)
             upload_id = mpu["UploadId"]
-            semaphore = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+            # One pool of part slots per Storage, shared by the files a commit uploads side by side:
+            # at most UPLOAD_CONCURRENCY parts (of PART_SIZE bytes) are in memory and in flight at once.
+            semaphore = self.__dict__.get("_upload_slots")
+            if semaphore is None:
+                semaphore = self._upload_slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
             tasks: list[asyncio.Task] = []
 
             async def put_part(number: int, body: bytes) -> dict:
@@ -422,7 +426,14 @@ class Storage:
             target = self.path(dst)
             if os.path.exists(target):
                 raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target)
-            os.rename(self.path(src), target)
+            try:
+                os.rename(self.path(src), target)
+            except OSError as exc:
+                # Two writers past the check at once: the kernel lets one rename onto the (then
+                # non-empty) folder fail; that is the same "already taken" answer.
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target) from None
+                raise
         self._call("rename", dst, run, mutating=True)
 
     def sync_dir(self, rel: str = "") -> None:

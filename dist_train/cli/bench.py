@@ -19,12 +19,12 @@ def register(commands) -> None:
                     "save and S3 efficiency, trainer overhead, DDP scaling, resume latency and the amortized "
                     "cost of frequent checkpoints. Prints a table; --json writes every raw number.")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes (200 MB state, cnn): about 5 minutes on 2 cores")
+                        help="small sizes (200 MB state, cnn): about 3 minutes on an idle 2-core machine")
     parser.add_argument("--json", metavar="FILE", help="write the figures and their raw numbers as JSON")
     parser.add_argument("--only", metavar="FAMILIES",
                         help="comma-separated subset of: io, s3, training, resume (default: all)")
-    parser.add_argument("--repeats", type=int, metavar="N", help="repetitions of each A/B pair "
-                        "(default: 3 with --quick, 5 without)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="repetitions of each A/B pair (default with "
+                        "--quick: 3, and 5 for local checkpoint I/O; without: 5 and 7)")
     parser.add_argument("--size-mb", type=int, metavar="MB", help="training-state size of the I/O benchmarks "
                         "(default: 200 with --quick, 1024 without)")
     parser.add_argument("--work-dir", metavar="DIR", help="where the benchmark writes (default: the temp folder); "
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats is not None:
         if args.repeats < 1:
             raise UserError("--repeats must be at least 1")
-        settings.repeats = args.repeats
+        settings.repeats = settings.io_repeats = args.repeats
     if args.size_mb is not None:
         if args.size_mb < 1:
             raise UserError("--size-mb must be at least 1")
@@ -61,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
     machine = meta["machine"]
     print(f"dist-train bench ({settings.name}): {machine['nproc']} CPUs ({machine['cpu']}), "
           f"{meta['duration_s']:.0f}s, load average {machine['load_average']} -> {meta['load_average_end']}")
-    print("value = median over repetitions of (dist_train / baseline), measured alternately in this run")
+    print("value = median over repetitions of the ratio, A and B measured alternately in this run")
+    load = max(machine["load_average"] or [0.0], default=0.0)
+    if machine["nproc"] and load > 0.5 * machine["nproc"]:
+        print(f"warning: the machine was busy (load average {load:.1f} on {machine['nproc']} CPUs) before the run; "
+              "the torchrun figures (2 ranks need 2 free cores) are then noisy: check the spread")
     print(table(figures))
     if args.json:
         write_json(args.json, to_json(figures, meta))

@@ -10,7 +10,7 @@ from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.retention import RetentionPolicy, delete_checkpoint, plan, val_loss_of
 from dist_train.checkpoint.storage import Storage, describe_error
-from dist_train.config.fields import coerce
+from dist_train.cli.parsing import storage_options
 from dist_train.errors import UserError
 
 
@@ -53,10 +53,7 @@ def register(commands) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    value, problem = coerce(args.storage_options, {"kind": "json", "nullable": False})
-    if problem:
-        raise UserError(f"--storage-options {problem}")
-    return value
+    return storage_options(args.storage_options)
 
 
 def _run_dir(args: argparse.Namespace) -> Storage:

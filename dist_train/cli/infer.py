@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from dist_train.config.fields import coerce
+from dist_train.cli.parsing import storage_options
 from dist_train.errors import UserError
 from dist_train.models.config import MODELS
 
@@ -62,10 +62,7 @@ def register(commands) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    value, problem = coerce(args.storage_options, {"kind": "json", "nullable": False})
-    if problem:
-        raise UserError(f"--storage-options {problem}")
-    return value
+    return storage_options(args.storage_options)
 
 
 def _quiet_logging() -> None:
@@ -121,14 +118,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with distributed(args.device) as env:
         configure_logging(env)
         # Rank 0 picks the checkpoint (a run dir may gain one meanwhile); the others read that same folder.
-        chosen = _on_every_rank(env, lambda: read_weights(args.checkpoint, options) if env.is_rank0 else None)
+        chosen = env.on_every_rank(lambda: read_weights(args.checkpoint, options) if env.is_rank0 else None)
         url = env.broadcast_object(chosen.url if chosen else None)
 
         def prepare():
             loaded = build_loaded(chosen or read_weights(url, options), args.model, env.device)
             return loaded, rebuild_data(loaded, args.data_root)
 
-        loaded, bundle = _on_every_rank(env, prepare)
+        loaded, bundle = env.on_every_rank(prepare)
         cfg_batch = ((loaded.manifest.get("config") or {}).get("data") or {}).get("batch_size", 64)
         result = evaluate_split(env, loaded, bundle, args.split, args.batch_size or cfg_batch)
         if env.is_rank0:
@@ -139,19 +136,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print("\n".join(format_result(report)))
             sys.stdout.flush()
     return 0
-
-
-def _on_every_rank(env, action):
-    """Run `action` on every rank; a UserError on any rank stops them all with the same line."""
-    result, error = None, None
-    try:
-        result = action()
-    except UserError as exc:
-        error = str(exc)
-    errors = [e for e in env.all_gather_objects(error) if e]
-    if errors:
-        raise UserError(errors[0])
-    return result
 
 
 def cmd_export(args: argparse.Namespace) -> int:

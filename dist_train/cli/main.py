@@ -7,12 +7,11 @@ traceback.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from dist_train.cli.parsing import Parser, subparsers
-from dist_train.errors import EXIT_BAD_INPUT, UserError
+from dist_train.errors import EXIT_BAD_INPUT, UserError, exit_now
 
 COMMANDS = ("train", "ckpt", "predict", "evaluate", "export", "report", "bench", "launch")
 
@@ -55,11 +54,5 @@ def run() -> None:
     """
     code = main()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+        exit_now(code)
     sys.exit(code)

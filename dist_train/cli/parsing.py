@@ -15,3 +15,13 @@ class Parser(argparse.ArgumentParser):
 
 def subparsers(parser: argparse.ArgumentParser, dest: str):
     return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND", parser_class=Parser)
+
+
+def storage_options(text: str) -> dict:
+    """The `--storage-options` JSON of the read-only commands (train declares its own config field)."""
+    from dist_train.config.fields import coerce
+
+    value, problem = coerce(text, {"kind": "json", "nullable": False})
+    if problem:
+        raise UserError(f"--storage-options {problem}")
+    return value

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dist_train.config.fields import coerce
-from dist_train.errors import UserError
+from dist_train.cli.parsing import storage_options
 
 
 def register(commands) -> None:
@@ -30,9 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from dist_train.report.history import committed_checkpoints, read_history
     from dist_train.report.summary import format_summary, summarize
 
-    options, problem = coerce(args.storage_options, {"kind": "json", "nullable": False})
-    if problem:
-        raise UserError(f"--storage-options {problem}")
+    options = storage_options(args.storage_options)
     if not args.no_plot:
         from dist_train.report.plot import plot_format
         plot_format(args.out)  # a bad --out fails before any reading

@@ -12,7 +12,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,26 @@ class DistEnv:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return [int(v) for v in tensor.tolist()]
+
+    def agree(self, error: str | None) -> None:
+        """Every rank raises the same UserError when any rank found one (collective)."""
+        from dist_train.errors import UserError
+
+        errors = [e for e in self.all_gather_objects(error) if e]
+        if errors:
+            raise UserError(errors[0])
+
+    def on_every_rank(self, action: Callable[[], Any]) -> Any:
+        """Run `action` on every rank; a UserError on any rank stops them all with the same line."""
+        from dist_train.errors import UserError
+
+        result, error = None, None
+        try:
+            result = action()
+        except UserError as exc:
+            error = str(exc)
+        self.agree(error)
+        return result
 
     @property
     def collective_device(self) -> torch.device:

@@ -104,7 +104,7 @@ def choose_and_load(env: DistEnv, storage: Storage, resume: str, verify: str, sp
                     pending = []
         except UserError as exc:
             error = str(exc)
-    _agree(env, error)
+    env.agree(error)
 
     while True:
         candidate = None
@@ -118,7 +118,7 @@ def choose_and_load(env: DistEnv, storage: Storage, resume: str, verify: str, sp
                         error = f"cannot resume from {candidate.url}: {error}"
             except Exception as exc:  # noqa: BLE001 - storage trouble during discovery is the user's to fix
                 error = f"cannot search {source.display_url} for checkpoints: {describe_error(exc)}"
-        _agree(env, error)
+        env.agree(error)
         candidate = env.broadcast_object(candidate)
         if candidate is None:
             if explicit:
@@ -138,17 +138,10 @@ def choose_and_load(env: DistEnv, storage: Storage, resume: str, verify: str, sp
                      candidate.manifest["epoch"])
             return payload
         if explicit:  # the one error line says it all; no "skipping" warning before it
-            _agree(env, f"--resume {candidate.url} is not a valid checkpoint: {problems[0]}")
+            env.agree(f"--resume {candidate.url} is not a valid checkpoint: {problems[0]}")
         if env.is_rank0:
             _skip(candidate.url, problems[0])
 
 
 def _has_manifest(storage: Storage, ref: catalog.CheckpointRef) -> bool:
     return storage.exists(f"{ref.name}/{mf.MANIFEST}")
-
-
-def _agree(env: DistEnv, error: str | None) -> None:
-    """Raise the same UserError on every rank when any rank (usually rank 0) found one."""
-    errors = [e for e in env.all_gather_objects(error) if e]
-    if errors:
-        raise UserError(errors[0])

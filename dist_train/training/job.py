@@ -24,7 +24,7 @@ from dist_train.data.datasets import build_datasets
 from dist_train.data.loader import IndexedDataset
 from dist_train.data.sampler import ResumableDistributedSampler
 from dist_train.distributed.env import DistEnv
-from dist_train.errors import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_SUPERSEDED, UserError)
+from dist_train.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_SUPERSEDED
 from dist_train.models.registry import ModelSpec, build_model
 from dist_train.resume.coordinator import choose_and_load
 from dist_train.resume.restore import restore_training_state
@@ -40,24 +40,6 @@ EXIT_CODES = {Outcome.FINISHED: EXIT_OK, Outcome.PREEMPTED: EXIT_PREEMPTED,
               Outcome.CHECKPOINT_FAILED: EXIT_FAILURE, Outcome.SUPERSEDED: EXIT_SUPERSEDED}
 
 
-def agree(env: DistEnv, error: str | None) -> None:
-    """Every rank raises the same UserError when any rank found one."""
-    errors = [e for e in env.all_gather_objects(error) if e]
-    if errors:
-        raise UserError(errors[0])
-
-
-def _checked(env: DistEnv, action):
-    """Run `action` on every rank; a UserError anywhere stops all ranks with the same line."""
-    result, error = None, None
-    try:
-        result = action()
-    except UserError as exc:
-        error = str(exc)
-    agree(env, error)
-    return result
-
-
 def total_steps(cfg: JobConfig, train_len: int, world_size: int) -> int:
     micro_per_epoch = math.ceil(train_len / (world_size * cfg.data.batch_size))
     steps = cfg.train.epochs * math.ceil(micro_per_epoch / cfg.optim.grad_accum)
@@ -69,12 +51,12 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
     if cfg.train.deterministic:
         enable_deterministic_algorithms()
     storage = Storage(cfg.checkpoint.run_dir, cfg.checkpoint.storage_options)
-    _checked(env, lambda: storage.check_reachable() if env.is_rank0 else None)
-    data = _checked(env, lambda: build_datasets(cfg.data, cfg.train.seed))
+    env.on_every_rank(lambda: storage.check_reachable() if env.is_rank0 else None)
+    data = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed))
     spec = ModelSpec(cfg.model.model, data.num_classes, data.in_channels, data.image_size, cfg.model.dropout,
                      cfg.model.freeze_backbone, cfg.model.width)
     seed_process(cfg.train.seed, "init")  # identical initial weights for every rank and world size
-    model = _checked(env, lambda: build_model(spec, cfg.model.pretrained_weights)).to(env.device)
+    model = env.on_every_rank(lambda: build_model(spec, cfg.model.pretrained_weights)).to(env.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps(cfg, len(data.train), env.world_size))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and env.device.type == "cuda")
@@ -85,7 +67,7 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
     payload: Payload | None = choose_and_load(env, storage, cfg.checkpoint.resume, cfg.checkpoint.verify, spec,
                                               cfg.checkpoint.storage_options)
     if payload is not None:
-        progress = _checked(env, lambda: restore_training_state(payload, model, optimizer, scheduler, scaler,
+        progress = env.on_every_rank(lambda: restore_training_state(payload, model, optimizer, scheduler, scaler,
                                                                 sampler))
 
     # Nothing was written before this point; from here on the run dir is ours.
@@ -143,4 +125,4 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
     return EXIT_CODES[outcome]
 
 
-__all__ = ["run_training", "EXIT_BAD_INPUT"]
+__all__ = ["run_training"]

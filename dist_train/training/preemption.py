@@ -10,14 +10,12 @@ never corrupts anything, because an uncommitted checkpoint is never valid.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
-import sys
 import threading
 
 
-from dist_train.errors import EXIT_PREEMPTED
+from dist_train.errors import EXIT_PREEMPTED, exit_now
 
 log = logging.getLogger(__name__)
 # SIGINT too, so Ctrl-C also ends with a checkpoint; a second Ctrl-C interrupts at once.
@@ -94,12 +92,7 @@ class PreemptionWatcher:
             return
         log.error("preemption deadline of %.0fs passed before a clean exit; leaving now "
                   "(resume uses the newest committed checkpoint)", self.deadline_s)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(EXIT_PREEMPTED)
+        exit_now(EXIT_PREEMPTED)
 
     def finished(self) -> None:
         """The graceful exit completed; the deadline no longer applies."""

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc-per-node 2 ddp_loop.py --model cnn --batch-size 64 \
         --shape 3,32,32 --size 20000 --steps 60 --log-every 10
 
-Same model (dist_train's registry), same data (dist_train's synthetic data set, same
-seed), same per-rank batch size, optimizer (Adam, lr 1e-3) and DataLoader settings as
+Same model (dist_train's registry, same initial weights), same data (dist_train's
+synthetic data set, same seed), same per-rank batch size, optimizer (Adam, lr 1e-3) and
+DataLoader settings (no workers) as
 `dist-train train`; nothing else: no sampler state, no loss weighting, no metrics, no
 step-boundary agreement, no checkpoints. Rank 0 prints one JSON line every
 `--log-every` steps: {"step": N, "time": wall-clock seconds}.
@@ -39,12 +40,13 @@ def main() -> None:
         sys.path.insert(0, args.repo)
     from dist_train.data.datasets import SyntheticImages
     from dist_train.models.registry import ModelSpec, build_model
+    from dist_train.training.determinism import seed_process
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     shape = tuple(int(p) for p in args.shape.split(","))
     data = SyntheticImages(args.size, shape, args.classes, args.seed)
-    torch.manual_seed(args.seed)
+    seed_process(args.seed, "init")  # the same initial weights as `dist-train train --seed`
     model = DistributedDataParallel(build_model(ModelSpec(args.model, args.classes, shape[0], shape[1])))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sampler = DistributedSampler(data, seed=args.seed)
