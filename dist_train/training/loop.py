@@ -5,8 +5,9 @@ loss is the *sum* over real samples divided by the global count of the step, tim
 the world size (DDP averages gradients over ranks), so the gradient is the exact
 mean over the global batch however the samples fall on ranks; padding weighs zero.
 
-At every step boundary the ranks agree (one all-reduce of two flags) whether a
-preemption was requested or the checkpointer must stop; checkpoints are taken at
+At every step boundary the ranks vote (one all-reduce of two flags, read at the next
+boundary so it overlaps a step of compute) whether a preemption was requested or the
+checkpointer must stop; checkpoints are taken at
 the boundaries `--checkpoint-every` names, at each epoch end, and at the end.
 """
 
@@ -36,6 +37,7 @@ from dist_train.data.datasets import DataBundle
 from dist_train.data.loader import IndexedDataset, train_loader
 from dist_train.data.sampler import ResumableDistributedSampler
 from dist_train.distributed.env import DistEnv
+from dist_train.distributed.vote import BoundaryVote
 from dist_train.models.registry import ModelSpec
 from dist_train.training.determinism import seed_process
 from dist_train.training.evaluation import autocast, evaluate
@@ -85,6 +87,7 @@ class Trainer:
         self._bar = None
         self._sample_log = self._open_sample_log()
         self._params = [p for p in raw_model.parameters() if p.requires_grad]
+        self.vote = BoundaryVote(env)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Trainer:
         return self.cfg.train.max_steps is not None and self.progress.step >= self.cfg.train.max_steps
 
     def _stop(self, outcome: Outcome) -> Outcome:
+        self.vote.settle()
         if outcome is Outcome.PREEMPTED:
             self._save("preempted")
         ok = self.checkpointer.finish()
@@ -194,9 +198,14 @@ class Trainer:
         self.scheduler.step()
 
     def _boundary_outcome(self) -> Outcome | None:
-        """The one collective of a step boundary: do all ranks go on?"""
-        preempt, stop = self.env.all_reduce_max([int(self.watcher.requested),
-                                                 int(self.env.is_rank0 and self.checkpointer.must_stop)])
+        """The one collective of a step boundary: do all ranks go on? (decided one boundary later)"""
+        agreed = self.vote.cast([int(self.watcher.requested), int(self.env.is_rank0 and self.checkpointer.must_stop)])
+        return self._decide(agreed)
+
+    def _decide(self, agreed: list[int] | None) -> Outcome | None:
+        if agreed is None:
+            return None
+        preempt, stop = agreed
         if preempt:
             return Outcome.PREEMPTED
         if stop:
