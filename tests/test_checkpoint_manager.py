@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import call_cli
-from dist_train.checkpoint import catalog, storage as storage_module
+from dist_train.checkpoint import catalog, s3 as s3_module
 from dist_train.checkpoint.catalog import CheckpointRef
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.manager import Checkpointer
@@ -128,8 +128,8 @@ def test_prune_cli_never_removes_the_newest_valid_checkpoint(tmp_path, capsys):
 
 def test_large_files_go_up_as_multipart_and_a_failed_upload_is_aborted(s3_bucket, monkeypatch):
     import boto3
-    monkeypatch.setattr(storage_module, "MULTIPART_THRESHOLD", 6 * 2**20)
-    monkeypatch.setattr(storage_module, "PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 6 * 2**20)
+    monkeypatch.setattr(s3_module, "PART_SIZE", 5 * 2**20)
     storage = Storage(f"s3://{s3_bucket}/mp")
     big = {"w": torch.randn(4 * 2**20)}  # 16 MiB: four parts
     writer = CheckpointWriter(storage, 1, "w", AttemptRegistry(storage))

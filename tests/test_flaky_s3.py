@@ -34,7 +34,7 @@ def test_classification_of_storage_errors():
     """What is retried (throttling, 5xx, resets, timeouts) and what is an answer (4xx, 412, local disk)."""
     from s3fs.errors import translate_boto_error
 
-    from dist_train.checkpoint.storage import describe_error, is_transient
+    from dist_train.checkpoint.faults import describe_error, is_transient
 
     transient = [_client_error("SlowDown", 503), _client_error("InternalError", 500),
                  _client_error("ServiceUnavailable", 503), _client_error("ConditionalRequestConflict", 409),
@@ -57,7 +57,8 @@ def test_classification_of_storage_errors():
 @pytest.mark.timeout(120)
 def test_retry_budget_is_bounded_and_ends_in_one_clear_line(proxy, s3_env, s3_bucket, monkeypatch):
     """Always throttled: exactly attempts x botocore attempts requests, then one line naming the cause."""
-    from dist_train.checkpoint.storage import RetryPolicy, Storage, describe_error
+    from dist_train.checkpoint.faults import RetryPolicy, describe_error
+    from dist_train.checkpoint.storage import Storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     options = {"config_kwargs": {"retries": {"total_max_attempts": 2, "mode": "standard"}}}

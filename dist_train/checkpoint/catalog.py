@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 
 _NAME = re.compile(r"^ckpt-g(\d{4,9})-s(\d{10,12})$")
 STAGING_PREFIX = ".staging-"

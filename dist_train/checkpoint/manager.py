@@ -26,7 +26,8 @@ from dist_train.checkpoint.catalog import CheckpointRef
 from dist_train.checkpoint.manifest import model_digest
 from dist_train.checkpoint.retention import RetentionPolicy, delete_checkpoint, plan, val_loss_of
 from dist_train.checkpoint.state import Snapshot
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.checkpoint.writer import CheckpointWriter, Committed
 from dist_train.distributed.env import DistEnv
 from dist_train.errors import StorageError, SupersededError

@@ -11,12 +11,10 @@ operation calls first.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
 import posixpath
-import random
 import re
 import threading
 import time
@@ -27,23 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dist_train.errors import StorageError, UserError
+from dist_train.checkpoint.faults import RetryPolicy, describe_error, is_transient, precondition_failed
+from dist_train.checkpoint import s3
+from dist_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[str, str], None]
-MULTIPART_THRESHOLD = 64 * 2**20
-PART_SIZE = 32 * 2**20
-UPLOAD_CONCURRENCY = 8
-_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "ConditionalRequestConflict",
-                    "500", "502", "503", "504"}
-# botocore tries each request up to this many times in all (standard mode: jittered backoff of up to
-# 1 s, then 2 s; a retry quota); `Storage._call` retries the whole operation on top, so one operation
-# makes at most RetryPolicy.attempts * BOTOCORE_ATTEMPTS requests (aiohttp may resend a request once
-# when a kept-alive connection turns out closed) and starts none after RetryPolicy.deadline. s3fs's
-# own retry loop is switched off so the layers do not multiply further.
-BOTOCORE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -51,18 +39,6 @@ class Entry:
     name: str
     is_dir: bool
     size: int
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter; at most `attempts` tries per operation, none after `deadline` seconds."""
-    attempts: int = 6
-    base_delay: float = 0.1
-    max_delay: float = 4.0
-    deadline: float = 120.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + random.random() / 2)
 
 
 def redact_url(url: str) -> str:
@@ -91,63 +67,6 @@ def check_url_scheme(url: str) -> None:
                         f"installed ({exc})") from None
 
 
-def _error_chain(exc: BaseException) -> Iterable[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth another try: throttling, 5xx, resets and timeouts; never 4xx or local disk errors."""
-    if isinstance(exc, FileExistsError):
-        return False  # a conditional create that lost: an answer, not a fault
-    for err in _error_chain(exc):
-        response = getattr(err, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
-        name = type(err).__name__
-        if name in ("ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
-                    "ServerDisconnectedError", "ClientOSError", "ClientPayloadError", "IncompleteRead",
-                    "ResponseParserError", "FSTimeoutError"):
-            return True
-        if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError,
-                            asyncio.TimeoutError)):
-            return True
-    return False
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason without credentials (botocore messages never carry secrets)."""
-    tries = getattr(exc, "storage_attempts", None)
-    suffix = f" (gave up after {tries} tries)" if tries and tries > 1 else ""
-    for err in _error_chain(exc):
-        response = getattr(err, "response", None)
-        if isinstance(response, dict) and response.get("Error"):
-            error = response["Error"]
-            return " ".join(f"{error.get('Code', 'error')}: {error.get('Message', '')}".split()) + suffix
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
-        return f"{exc.strerror}{where}{suffix}"
-    return " ".join(f"{type(exc).__name__}: {exc}".split()) + suffix
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    """S3 answered 412 to a conditional PUT: the object exists (stores differ in how they say it)."""
-    if isinstance(exc, FileExistsError):
-        return True
-    for err in _error_chain(exc):
-        response = getattr(err, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return code == "PreconditionFailed" or status == 412
-    return False
-
-
 class Storage:
     """A run dir (or any folder) behind one small interface; paths are relative to it."""
 
@@ -161,7 +80,7 @@ class Storage:
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         kwargs = dict(self.options)
         if protocol in ("s3", "s3a"):
-            kwargs = _s3_defaults(kwargs)
+            kwargs = s3.s3_options(kwargs)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url, **kwargs)
         except (TypeError, ValueError) as exc:
@@ -170,7 +89,7 @@ class Storage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.is_s3 = protocol in ("s3", "s3a")
         if self.is_s3:
-            self.fs.retries = 1  # see BOTOCORE_ATTEMPTS
+            self.fs.retries = 1  # see s3.BOTOCORE_ATTEMPTS
         self._lock = threading.Lock()
 
     # -- naming -------------------------------------------------------------------------
@@ -286,8 +205,8 @@ class Storage:
         """Write a file from byte chunks; durable (fsynced) on local disk, multipart when large remotely."""
         if self.is_local:
             self._call("write", rel, lambda: self._write_local(rel, chunks), mutating=True)
-        elif self.is_s3 and size >= MULTIPART_THRESHOLD:
-            self._call("write", rel, lambda: self._write_s3_multipart(rel, chunks), mutating=True, retry=False)
+        elif self.is_s3 and size >= s3.MULTIPART_THRESHOLD:
+            self._call("write", rel, lambda: s3.multipart_upload(self, rel, chunks), mutating=True, retry=False)
         else:
             data = b"".join(bytes(c) for c in chunks) if not isinstance(chunks, (bytes, bytearray)) else chunks
             self._call("write", rel, lambda: self.fs.pipe_file(self.path(rel), bytes(data)), mutating=True)
@@ -312,74 +231,6 @@ class Storage:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def _write_s3_multipart(self, rel: str, chunks: Iterable[Any]) -> None:
-        """Concurrent multipart upload of the chunks; a failed upload is aborted, never left half-made."""
-        from fsspec.asyn import sync
-
-        bucket, key, _ = self.fs.split_path(self.path(rel))
-
-        def parts() -> Iterable[bytes]:
-            buffer = bytearray()
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view:
-                    take = min(len(view), PART_SIZE - len(buffer))
-                    buffer += view[:take]
-                    view = view[take:]
-                    if len(buffer) == PART_SIZE:
-                        yield bytes(buffer)
-                        buffer.clear()
-            if buffer:
-                yield bytes(buffer)
-
-        async def upload() -> None:
-            call = self.fs._call_s3
-            mpu = await call("create_multipart_upload", Bucket=bucket, Key=key)
-            upload_id = mpu["UploadId"]
-            # One pool of part slots per Storage, shared by the files a commit uploads side by side:
-            # at most UPLOAD_CONCURRENCY parts (of PART_SIZE bytes) are in memory and in flight at once.
-            semaphore = self.__dict__.get("_upload_slots")
-            if semaphore is None:
-                semaphore = self._upload_slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-            tasks: list[asyncio.Task] = []
-
-            async def put_part(number: int, body: bytes) -> dict:
-                try:
-                    for attempt in range(self.retry.attempts):
-                        try:
-                            out = await call("upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-                                             PartNumber=number, Body=body)
-                            return {"PartNumber": number, "ETag": out["ETag"]}
-                        except Exception as exc:  # noqa: BLE001
-                            if attempt + 1 >= self.retry.attempts or not is_transient(exc):
-                                raise
-                            await asyncio.sleep(self.retry.delay(attempt))
-                    raise AssertionError("unreachable")
-                finally:
-                    semaphore.release()
-
-            try:
-                for number, body in enumerate(parts(), 1):
-                    await semaphore.acquire()
-                    tasks.append(asyncio.ensure_future(put_part(number, body)))
-                    if any(t.done() and t.exception() for t in tasks):
-                        break
-                done = await asyncio.gather(*tasks)
-                await call("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-                           MultipartUpload={"Parts": list(done)})
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                try:
-                    await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-                except Exception as exc:  # noqa: BLE001 - the original error matters more
-                    log.warning("could not abort multipart upload of %s: %s", self.url(rel), describe_error(exc))
-                raise
-            self.fs.invalidate_cache(self.path(rel))
-
-        sync(self.fs.loop, upload)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create `rel` holding `data` only if it does not exist; False when it already did.
@@ -407,7 +258,7 @@ class Storage:
                 except OSError as exc:
                     # 412 also when a retry of our own create (whose answer was lost) finds it made:
                     # callers that care read the object back and compare (writer.py, fencing.py).
-                    if _precondition_failed(exc):
+                    if precondition_failed(exc):
                         return False
                     raise
                 return True
@@ -524,23 +375,3 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: asynchronous, never fails a save
 
 
-def _s3_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Bounded botocore retries and timeouts, and AWS_ENDPOINT_URL for S3-compatible stores."""
-    kwargs = dict(kwargs)
-    config = dict(kwargs.pop("config_kwargs", {}) or {})
-    config.setdefault("retries", {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"})
-    config.setdefault("connect_timeout", 10)
-    config.setdefault("read_timeout", 60)
-    kwargs["config_kwargs"] = config
-    # Several processes share a run dir (ranks, a replaced pod): a cached listing could hide a manifest
-    # another process just committed, so every exists/info asks the store.
-    kwargs.setdefault("use_listings_cache", False)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and "endpoint_url" not in kwargs and "endpoint_url" not in kwargs.get("client_kwargs", {}):
-        kwargs["endpoint_url"] = endpoint
-    kwargs.setdefault("skip_instance_cache", False)
-    return kwargs
-
-
-def wrap_storage_errors(action: str, exc: BaseException) -> StorageError:
-    return StorageError(f"{action}: {describe_error(exc)}")

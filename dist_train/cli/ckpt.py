@@ -9,7 +9,8 @@ import sys
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.retention import RetentionPolicy, delete_checkpoint, plan, val_loss_of
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.cli.parsing import storage_options
 from dist_train.errors import UserError
 

@@ -22,7 +22,8 @@ from torch import nn
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.state import CorruptCheckpoint, open_checkpoint, read_payload
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
 from dist_train.data.datasets import DataBundle, build_datasets
 from dist_train.errors import UserError

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dist_train.checkpoint import catalog
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.errors import UserError
 from dist_train.training.metrics import METRICS
 

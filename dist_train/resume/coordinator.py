@@ -16,7 +16,8 @@ from typing import Any
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.state import CorruptCheckpoint, Payload, read_payload
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.distributed.env import DistEnv
 from dist_train.errors import UserError
 from dist_train.models.registry import ModelSpec

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dist_train.checkpoint.storage import Storage, describe_error
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.storage import Storage
 from dist_train.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
