@@ -27,10 +27,14 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     for key in KEYS:
         figure = data[key]
         assert figure["error"] is None, (key, figure["error"])
+        assert figure["raw"], key
+        if figure["value"] is None:
+            # Only an information figure may be undefined in one repetition (the thread lost no time).
+            assert key == "async_thread_vs_process" and figure["repeats"] == 0, key
+            continue
         assert isinstance(figure["value"], float), key
         assert figure["repeats"] == 1 and len(figure["ratios"]) == 1, key
         assert figure["min"] <= figure["value"] <= figure["max"], key
-        assert figure["raw"], key
     assert data["save_efficiency"]["raw"]["bytes"] >= 4 * 2**20
     assert data["checkpoint_overhead"]["raw"]["every_k_steps"] >= 1
     assert data["meta"]["machine"]["nproc"] >= 1

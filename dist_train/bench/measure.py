@@ -8,6 +8,7 @@ of that drift. Every figure keeps the raw numbers it was computed from.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,13 @@ class Figure:
     error: str | None = None
 
     @property
+    def defined(self) -> list[float]:
+        """The repetitions whose ratio is defined (a zero denominator, e.g. no time lost, is not)."""
+        return [r for r in self.ratios if math.isfinite(r)]
+
+    @property
     def value(self) -> float | None:
-        return statistics.median(self.ratios) if self.ratios else None
+        return statistics.median(self.defined) if self.defined else None
 
     @property
     def met(self) -> bool | None:
@@ -39,7 +45,7 @@ class Figure:
         return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
 
     def as_dict(self) -> dict[str, Any]:
-        ratios = self.ratios
+        ratios = self.defined
         return {"value": _round(self.value), "what": self.what, "target": self.target, "met": self.met,
                 "median": _round(self.value), "min": _round(min(ratios)) if ratios else None,
                 "max": _round(max(ratios)) if ratios else None, "repeats": len(ratios),
