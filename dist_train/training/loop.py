@@ -252,6 +252,7 @@ class Trainer:
         self.metrics.write(base)
 
     def _save(self, reason: str) -> None:
+        self.metrics.flush()  # remote run dirs: the metrics so far go up with each checkpoint
         self.checkpointer.save(self.progress.step, self._snapshot, reason)
 
     def _snapshot(self, rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:

@@ -1,8 +1,9 @@
 """Metrics: exact global sums across ranks, and `metrics.jsonl` in the run dir.
 
 Local run dirs get each line appended and flushed at once. Object stores cannot
-append, so the file is rewritten from memory every `flush_seconds` and at close;
-lines of earlier attempts are read first and kept.
+append, so the file is rewritten from memory at every checkpoint and at close (the
+points where the run's state is persisted anyway, and the same in every run of a
+job); lines of earlier attempts are read first and kept.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +42,9 @@ class Tally:
 
 
 class MetricsLog:
-    def __init__(self, storage: Storage | None, flush_seconds: float = 15.0):
+    def __init__(self, storage: Storage | None):
         self.storage = storage
-        self.flush_seconds = flush_seconds
         self._lines: list[str] = []
-        self._last_flush = time.monotonic()
         self._handle = None
         if storage is None:
             return
@@ -69,15 +67,12 @@ class MetricsLog:
             self._handle.flush()
             return
         self._lines.append(line)
-        if time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
 
     def flush(self) -> None:
         if self.storage is None or self._handle is not None:
             return
         try:
             self.storage.write_bytes(METRICS, ("\n".join(self._lines) + "\n").encode())
-            self._last_flush = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - metrics must never stop training
             log.warning("could not write %s: %s", self.storage.url(METRICS), describe_error(exc))
 

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,18 +48,22 @@ def install_hooks() -> None:
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
+    counter = threading.Lock()  # object-store uploads run side by side: count every operation once
+
     def hook(operation: str, rel: str) -> None:
-        state["n"] += 1
-        if log_path:
-            with open(log_path, "a") as handle:
-                handle.write(f"{state['n']}\t{operation}\t{rel}\n")
+        with counter:
+            state["n"] += 1
+            number = state["n"]
+            if log_path:
+                with open(log_path, "a") as handle:
+                    handle.write(f"{number}\t{operation}\t{rel}\n")
         for index, pattern in enumerate(pauses):
             if index not in state["paused"] and fnmatch.fnmatch(f"{operation}:{rel}", pattern):
                 state["paused"].add(index)
                 open(f"{paused_file}.{index}", "w").close()
                 while not os.path.exists(f"{release_file}.{index}"):
                     time.sleep(0.02)
-        if state["n"] == kill_at:
+        if number == kill_at:
             if kill_mid and operation == "write":
                 state["armed"] = True  # the chunk wrapper below kills once data reached the file
             else:
