@@ -86,7 +86,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (default suppressed, so we know which were given)."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with the same keys as the flags")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for key, (section, f) in FIELDS.items():
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"{section} options"))
         meta = f.metadata
         kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": meta["help"]}
         if meta["kind"] is bool:
@@ -94,7 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             choices = allowed_choices(meta)
             kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else key.upper()
-        parser.add_argument(flag_name(key), **kwargs)
+        group.add_argument(flag_name(key), **kwargs)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
