@@ -118,8 +118,18 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def manifests(run_dir: Path) -> list[dict]:
-    """Committed manifests of a local run dir, oldest first."""
-    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("ckpt-*/manifest.json"))]
+    """Committed manifests of a local run dir, oldest first.
+
+    Safe to poll while a job runs: retention may delete a checkpoint between the listing
+    and the read, and a vanished one is simply no longer committed.
+    """
+    found = []
+    for path in sorted(run_dir.glob("ckpt-*/manifest.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def final_digest(run_dir: Path) -> str:

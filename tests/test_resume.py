@@ -242,6 +242,18 @@ def test_corrupt_newest_checkpoints_are_skipped_with_reasons(small_run, tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_rerunning_a_finished_run_keeps_its_checkpoint_history(small_run, tmp_path):
+    run_dir = clone(small_run, tmp_path)
+    before = sorted(f.name for f in run_dir.glob("ckpt-*"))
+    for _ in range(2):
+        result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "20", "--checkpoint-every", "4",
+                          "--keep-last", "3"])
+        assert result.returncode == 0, result.stderr
+        assert "finished at step 20" in result.stderr and "committed" not in result.stderr
+    assert sorted(f.name for f in run_dir.glob("ckpt-*")) == before
+
+
+@pytest.mark.timeout(120)
 def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(small_run, tmp_path):
     run_dir = clone(small_run, tmp_path)
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))

@@ -62,6 +62,15 @@ class Checkpointer:
 
     # -- called by every rank -------------------------------------------------------------
 
+    def mark_committed(self, step: int) -> None:
+        """The run dir already holds a committed checkpoint of `step` (the one resumed from).
+
+        A run resumed at its end, or preempted again before its first step, would otherwise
+        commit the same state once more under the new attempt's name, and `--keep-last`
+        would evict real history for the copy.
+        """
+        self.last_step = step
+
     def save(self, step: int, snapshot: SnapshotFn, reason: str) -> None:
         """Commit the state at `step` (collective: every rank calls it at the same boundary)."""
         if step == self.last_step:

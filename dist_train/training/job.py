@@ -90,6 +90,8 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
                                 RetentionPolicy(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
                                                 cfg.checkpoint.keep_every),
                                 cfg.checkpoint.async_checkpoint)
+    if payload is not None and cfg.checkpoint.resume == "auto":
+        checkpointer.mark_committed(progress.step)
     metrics = MetricsLog(storage if env.is_rank0 else None)
     if env.is_rank0 and payload is not None:
         metrics.write({"event": "resume", "step": progress.step, "epoch": progress.epoch,
