@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,6 +131,13 @@ def manifests(run_dir: Path) -> list[dict]:
         except FileNotFoundError:
             continue
     return found
+
+
+def copy_run(run_dir: Path, parent: Path, name: str = "run") -> Path:
+    """A private copy of a module-scoped run dir, for a test that damages or extends it."""
+    target = parent / name
+    shutil.copytree(run_dir, target)
+    return target
 
 
 def final_digest(run_dir: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, call_cli, manifests, run_cli, run_torchrun
+from conftest import TINY, call_cli, copy_run, manifests, run_cli, run_torchrun
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.serialization import tensor_file
@@ -25,12 +25,6 @@ def trained_run(tmp_path_factory) -> Path:
     result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "12", "--checkpoint-every", "4"])
     assert result.returncode == 0, result.stderr
     return run_dir
-
-
-def copy_run(trained_run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(trained_run, target)
-    return target
 
 
 @pytest.mark.timeout(120)

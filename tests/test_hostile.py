@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import copy_run
 from support.forkserver import shared
 
 JOB = ["train", "--max-steps", "20", "--checkpoint-every", "10", "--epochs", "1", "--batch-size", "32",
@@ -60,8 +61,7 @@ def trained(tmp_path_factory) -> Path:
 def hostile(trained, tmp_path) -> tuple[Path, Path]:
     """(run dir whose newest checkpoint carries a malicious pickle, marker path)."""
     marker = tmp_path / "PWNED"
-    run_dir = tmp_path / "hostile-run"
-    shutil.copytree(trained, run_dir)
+    run_dir = copy_run(trained, tmp_path, "hostile-run")
     replace_file(run_dir / CKPT20, "model.safetensors", evil_bytes(marker, tmp_path))
     return run_dir, marker
 
@@ -201,8 +201,7 @@ def test_hostile_manifests_are_refused(trained, tmp_path):
 @pytest.mark.timeout(120)
 def test_escaping_manifest_is_refused_by_verify_and_resume(trained, tmp_path):
     """A manifest naming `../victim.bin` (with its true size and sha256) is invalid for the CLI too."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(trained, run_dir)
+    run_dir = copy_run(trained, tmp_path)
     victim = run_dir / "victim.bin"
     victim.write_bytes(b"not part of the checkpoint")
     folder = run_dir / CKPT20

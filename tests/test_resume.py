@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PYTHON, REPO, TINY, base_env, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
+from conftest import (PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
                       wait_for)
 from dist_train.data.config import DataConfig
 from dist_train.data.datasets import build_datasets
@@ -211,16 +211,9 @@ def small_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def clone(run_dir: Path, tmp_path: Path) -> Path:
-    import shutil
-    target = tmp_path / "run"
-    shutil.copytree(run_dir, target)
-    return target
-
-
 @pytest.mark.timeout(120)
 def test_corrupt_newest_checkpoints_are_skipped_with_reasons(small_run, tmp_path):
-    run_dir = clone(small_run, tmp_path)
+    run_dir = copy_run(small_run, tmp_path)
     folders = sorted(run_dir.glob("ckpt-*"))
     assert [f.name[-2:] for f in folders] == ["04", "08", "12", "16", "20"]
     model = folders[-1] / "model.safetensors"  # flipped byte
@@ -243,7 +236,7 @@ def test_corrupt_newest_checkpoints_are_skipped_with_reasons(small_run, tmp_path
 
 @pytest.mark.timeout(120)
 def test_rerunning_a_finished_run_keeps_its_checkpoint_history(small_run, tmp_path):
-    run_dir = clone(small_run, tmp_path)
+    run_dir = copy_run(small_run, tmp_path)
     before = sorted(f.name for f in run_dir.glob("ckpt-*"))
     for _ in range(2):
         result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "20", "--checkpoint-every", "4",
@@ -255,7 +248,7 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint_history(small_run, tmp_pa
 
 @pytest.mark.timeout(120)
 def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(small_run, tmp_path):
-    run_dir = clone(small_run, tmp_path)
+    run_dir = copy_run(small_run, tmp_path)
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--model", "mlp"])
     assert result.returncode == EXIT_BAD_INPUT
@@ -266,7 +259,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(sma
 
 @pytest.mark.timeout(120)
 def test_resume_never_does_not_start_over_beside_existing_checkpoints(small_run, tmp_path):
-    run_dir = clone(small_run, tmp_path)
+    run_dir = copy_run(small_run, tmp_path)
     result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--resume", "never"])
     assert result.returncode == EXIT_BAD_INPUT and "already holds 5 checkpoint" in result.stderr
     assert len(list(run_dir.glob("_attempts/*"))) == 1

@@ -149,12 +149,12 @@ class Trainer:
                 micro = list(itertools.islice(batches, accumulate))
                 if not micro:
                     return None
-                counts = [sampler.chunk_size_at(sampler.position + i * sampler.chunk) for i in range(len(micro))]
-                self._optimizer_step(micro, sum(counts))
+                count = sum(sampler.chunk_size_at(sampler.position + i * sampler.chunk) for i in range(len(micro)))
+                self._optimizer_step(micro, count)
                 sampler.advance(len(micro))
                 progress.step += 1
-                progress.samples_seen += sum(counts)
-                self._window_samples += sum(counts)
+                progress.samples_seen += count
+                self._window_samples += count
                 self._record_samples(micro)
                 if self._bar is not None:
                     self._bar.update(len(micro))
