@@ -1,8 +1,9 @@
-"""Shared fixtures for the heavy parts: a real moto S3 server on loopback, real CLI and torchrun processes.
+"""Shared fixtures for the heavy parts: real S3 servers on loopback, real CLI and torchrun processes.
 
 Integration tests never mock: they start `python -m dist_train ...` and
-`torchrun` subprocesses and talk to moto's `ThreadedMotoServer` over HTTP on
-127.0.0.1. Every subprocess has a timeout so a hang fails instead of stalling CI.
+`torchrun` subprocesses and talk to moto's `ThreadedMotoServer` (and, through the
+`s3_server` fixture, also to SeaweedFS) over HTTP on 127.0.0.1. Every subprocess has
+a timeout so a hang fails instead of stalling CI.
 """
 
 from __future__ import annotations
@@ -164,10 +165,35 @@ def s3_credentials() -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@pytest.fixture(scope="session")
+def seaweed_endpoint(tmp_path_factory, s3_credentials) -> Iterator[str]:
+    """A real SeaweedFS S3 server (`weed mini`) on free loopback ports, for the whole session.
+
+    Its one identity is the session's throwaway keys (SeaweedFS checks signatures, moto does not).
+    """
+    from support.seaweed import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"), s3_credentials["AWS_ACCESS_KEY_ID"],
+                           s3_credentials["AWS_SECRET_ACCESS_KEY"]).start()
+    yield server.endpoint
+    server.stop()
+
+
+S3_SERVERS = {"moto": "moto_endpoint", "seaweedfs": "seaweed_endpoint"}
+
+
+@pytest.fixture(params=sorted(S3_SERVERS))
+def s3_server(request) -> str:
+    """Each real S3 implementation in turn (moto, SeaweedFS): a test that takes this fixture runs once
+    per server, and `s3_env` / `s3_bucket` point at that server. Returns the server's name."""
+    return request.param
+
+
 @pytest.fixture
-def s3_env(moto_endpoint, s3_credentials, monkeypatch) -> dict[str, str]:
-    """Environment for S3 against moto: for subprocesses, and set in this process too."""
-    env = dict(s3_credentials, AWS_ENDPOINT_URL=moto_endpoint)
+def s3_env(request, s3_credentials, monkeypatch) -> dict[str, str]:
+    """Environment for S3 (moto, or each `s3_server`): for subprocesses, and set in this process too."""
+    server = request.getfixturevalue("s3_server") if "s3_server" in request.fixturenames else "moto"
+    env = dict(s3_credentials, AWS_ENDPOINT_URL=request.getfixturevalue(S3_SERVERS[server]))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -175,7 +201,7 @@ def s3_env(moto_endpoint, s3_credentials, monkeypatch) -> dict[str, str]:
 
 @pytest.fixture
 def s3_bucket(s3_env) -> str:
-    """A fresh, empty bucket on the moto server."""
+    """A fresh, empty bucket on the S3 server of `s3_env`."""
     import boto3
 
     name = f"dt-{uuid.uuid4().hex[:12]}"

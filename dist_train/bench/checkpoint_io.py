@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from dist_train.bench.measure import Figure, Stopwatch, alternate, log, median
 from dist_train.bench.workload import WIDTH, TrainingState, build_state, clear_dir, make_checkpointer
-from dist_train.checkpoint.manager import Checkpointer
+from dist_train.checkpoint.saver import Checkpointer
 from dist_train.checkpoint.state import SnapshotBuffers
 
 RAW_CHUNK = 16 * 2**20

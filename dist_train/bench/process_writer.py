@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dist_train.bench.workload import TrainingState
-from dist_train.training.determinism import capture_rng_state
+from dist_train.determinism import capture_rng_state
 
 
 def _shared_like(tree: Any) -> Any:

@@ -79,7 +79,7 @@ def run(state_bytes: int, repeats: int) -> list[Figure]:
     from boto3.s3.transfer import TransferConfig
 
     from dist_train.checkpoint import s3 as storage_module
-    from dist_train.checkpoint.manager import Checkpointer
+    from dist_train.checkpoint.saver import Checkpointer
     from dist_train.checkpoint.retention import RetentionPolicy
     from dist_train.checkpoint.storage import Storage
     from dist_train.checkpoint.writer import CheckpointWriter

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train.checkpoint.manager import Checkpointer
+from dist_train.checkpoint.saver import Checkpointer
 from dist_train.checkpoint.retention import RetentionPolicy
 from dist_train.checkpoint.state import Snapshot, SnapshotBuffers, to_cpu_tree
 from dist_train.checkpoint.storage import Storage

@@ -38,8 +38,13 @@ def parse_name(name: str) -> CheckpointRef | None:
 
 
 def list_checkpoints(storage: Storage) -> list[CheckpointRef]:
-    """Checkpoint folders of the run dir, oldest first, from one listing call."""
-    refs = [parse_name(e.name) for e in storage.list("") if e.is_dir]
+    """Checkpoint folders of the run dir, oldest first, from one (recursive) listing call.
+
+    A folder that holds no object is not a checkpoint, nor a broken one: object stores may
+    list a folder for minutes after its last object was deleted (SeaweedFS does), and a
+    deletion killed before it removed the (empty) folder leaves one on disk.
+    """
+    refs = [parse_name(name) for name in storage.folders("")]
     return sorted(r for r in refs if r is not None)
 
 

@@ -33,3 +33,6 @@ class CheckpointConfig:
                                     kind=bool)
     verify: str = option("sha256", "how resume checks a checkpoint before loading it", kind=str,
                          choices=("sha256", "size"))
+    strict_fencing: bool = option(False, "refuse a run dir whose store cannot create a file only if absent "
+                                  "(e.g. an S3 server that ignores If-None-Match) instead of falling back to "
+                                  "best-effort fencing", kind=bool)

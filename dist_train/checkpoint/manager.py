@@ -1,203 +1,341 @@
-"""Saving checkpoints from a running job: when, by whom, in the foreground or the background.
+"""`CheckpointManager`: the checkpoint store for any training loop, the trainer's included.
 
-Every rank calls `save` at the same step boundary (their RNG states are gathered to
-rank 0); rank 0 alone writes. With `--async-checkpoint` the training thread only
-copies the state into reused CPU buffers; serializing, hashing, uploading, the commit
-and retention run in one background thread, with at most one save in flight.
+```python
+mgr = CheckpointManager(run_dir, keep_last=3)
+state = {"model": model, "optimizer": optimizer, "extra": my_stateful_object}
+start = mgr.restore(state)      # newest valid checkpoint restored in place: its step, or None
+for step in range(start or 0, total):
+    ...
+    mgr.save(step + 1, state)   # every rank, same step; rank 0 writes
+mgr.close()
+```
 
-A failed save is reported and the next one tries again; after
-`max_consecutive_failures` the job stops (see README, "Failure policy"). A newer
-attempt owning the run dir (`SupersededError`) stops the job at once.
+Values of `state`: objects with `state_dict()`/`load_state_dict()`, tensors, or plain
+JSON data. Each entry becomes one file of the checkpoint (`model.safetensors` is plain
+safetensors for deployment); the RNG states of every rank go into `rng.safetensors`.
+The commit protocol, fencing, retention, verification and fallback are those of the
+trainer, because the trainer saves through this same class.
+
+The run dir is claimed (a new attempt generation registered, leftovers of older
+attempts removed) before the first save, never by `restore`, so a job that fails
+while starting writes nothing.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import threading
-import time
-import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from dist_train.checkpoint import catalog
-from dist_train.checkpoint.catalog import CheckpointRef
-from dist_train.checkpoint.manifest import model_digest
-from dist_train.checkpoint.retention import RetentionPolicy, delete_checkpoint, plan, val_loss_of
-from dist_train.checkpoint.state import Snapshot
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint import resolver
 from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.fencing import AttemptRegistry, new_writer_id
+from dist_train.checkpoint.retention import RetentionPolicy
+from dist_train.checkpoint.saver import Checkpointer
+from dist_train.checkpoint.state import (MODEL, CorruptCheckpoint, Payload, Snapshot, SnapshotBuffers, read_payload,
+                                         to_cpu_tree)
 from dist_train.checkpoint.storage import Storage
-from dist_train.checkpoint.writer import CheckpointWriter, Committed
+from dist_train.checkpoint.writer import CheckpointWriter, Committed, clean_stale
+from dist_train.determinism import restore_rng_state
 from dist_train.distributed.env import DistEnv
-from dist_train.errors import StorageError, SupersededError
-from dist_train.training.determinism import capture_rng_state
+from dist_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SnapshotFn = Callable[[list[dict[str, Any]], bool], Snapshot]
+RNG = "rng"
+RESERVED = (RNG,)
+Check = Callable[[dict[str, Any]], "str | None"]
 
 
-class Checkpointer:
-    def __init__(self, env: DistEnv, storage: Storage, writer: CheckpointWriter | None, policy: RetentionPolicy,
-                 async_mode: bool, max_consecutive_failures: int = 3,
-                 on_commit: Callable[[Committed], None] | None = None):
-        self.env = env
-        self.storage = storage
-        self.writer = writer
-        self.policy = policy
-        self.async_mode = async_mode
+def unwrap(model: Any) -> Any:
+    """The module inside DistributedDataParallel (its state_dict keys carry no `module.` prefix)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def capture(value: Any) -> Any:
+    """The savable tree of one state entry."""
+    value = unwrap(value)
+    if hasattr(value, "state_dict") and callable(value.state_dict):
+        return value.state_dict()
+    return value
+
+
+def restore_entry(state: dict[str, Any], name: str, saved: Any) -> None:
+    """Put `saved` back into `state[name]` in place (immutable values are replaced in the dict)."""
+    target = unwrap(state[name])
+    try:
+        if hasattr(target, "load_state_dict") and callable(target.load_state_dict):
+            target.load_state_dict(saved)
+        elif isinstance(target, torch.Tensor):
+            with torch.no_grad():
+                target.copy_(saved)
+        elif isinstance(target, dict) and isinstance(saved, dict):
+            target.clear()
+            target.update(saved)
+        elif isinstance(target, list) and isinstance(saved, list):
+            target[:] = saved
+        else:
+            state[name] = saved
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines[:2])[:300] if lines else type(exc).__name__
+        raise UserError(f"checkpoint entry {name!r} does not fit this run's {name}: {detail}") from None
+
+
+class CheckpointManager:
+    """Restore the newest valid checkpoint of a run dir, save new ones, keep the newest few.
+
+    Under torchrun every rank calls every method at the same point (they are
+    collectives); rank 0 writes. `async_save=True` writes in a background thread: the
+    state is copied into CPU buffers before `save` returns, so training may go on.
+    """
+
+    def __init__(self, run_dir: str, keep_last: int | None = None, async_save: bool = False,
+                 storage_options: dict | None = None, *, keep_best: int | None = None,
+                 keep_every: int | None = None, verify: str = "sha256", env: DistEnv | None = None,
+                 max_consecutive_failures: int = 3, on_commit: Callable[[Committed], None] | None = None):
+        if keep_last is not None and keep_last < 1:
+            raise UserError(f"keep_last must be >= 1, got {keep_last}")
+        if verify not in ("sha256", "size"):
+            raise UserError(f"verify must be sha256 or size, got {verify!r}")
+        self.env = env or DistEnv.current()
+        self.options = dict(storage_options or {})
+        self.storage = Storage(run_dir, self.options)
+        self.env.on_every_rank(lambda: self.storage.check_reachable() if self.env.is_rank0 else None)
+        self.verify = verify
+        self.policy = RetentionPolicy(keep_last, keep_best, keep_every)
+        self.async_save = async_save
         self.max_consecutive_failures = max_consecutive_failures
-        self.on_commit = on_commit
-        self.last_step: int | None = None
-        self.consecutive_failures = 0
-        self.superseded: str | None = None
-        self.last_committed: Committed | None = None
-        self.stall_seconds = 0.0  # training-thread time spent in save(), for benchmarks
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer") \
-            if (async_mode and env.is_rank0) else None
-        self._in_flight: concurrent.futures.Future | None = None
-        self._snapshot_ready: threading.Event | None = None  # set once the deferred snapshot copy is done
-        self._val_losses: dict[str, float | None] = {}
+        self._listeners: list[Callable[[Committed], None]] = [on_commit] if on_commit else []
+        self.generation: int | None = None
+        self.resumed_from: dict[str, Any] | None = None  # manifest of the checkpoint restored
+        self.resumed_url: str | None = None
+        self.restored_rng = False
+        self._saver: Checkpointer | None = None
+        self._buffers = SnapshotBuffers()
+        self._resumed_step: int | None = None
 
-    # -- called by every rank -------------------------------------------------------------
+    # -- restoring -------------------------------------------------------------------------
 
-    def mark_committed(self, step: int) -> None:
-        """The run dir already holds a committed checkpoint of `step` (the one resumed from).
+    def restore(self, state: dict[str, Any], *, source: str = "auto", check: Check | None = None) -> int | None:
+        """Load the newest valid checkpoint into `state` in place; its step, or None for a fresh start.
 
-        A run resumed at its end, or preempted again before its first step, would otherwise
-        commit the same state once more under the new attempt's name, and `--keep-last`
-        would evict real history for the copy.
+        `source`: "auto" (this run dir), "never" (refuse a run dir that already holds
+        checkpoints), or a URL (a checkpoint folder, or another run dir's newest valid one).
+        `check(manifest)` may return a reason why a checkpoint cannot be this run's (a
+        model of another architecture): a UserError, before anything is loaded.
+        Corrupt or partial checkpoints are skipped and reported; all ranks load the same one.
         """
-        self.last_step = step
+        _check_state(state)
+        payload = self._choose(source, check)
+        if payload is None:
+            return None
+        missing = [name for name in state if name not in payload.entries]
+        if missing:
+            raise UserError(f"checkpoint {self.resumed_url} has no entry for "
+                            f"{', '.join(map(repr, missing))} (it holds {', '.join(sorted(payload.entries))})")
+        for name in state:
+            restore_entry(state, name, payload.entries[name])
+        self.restored_rng = self._restore_rng(payload.entries.get(RNG))
+        self.resumed_from = payload.manifest
+        if source == "auto":
+            self._resumed_step = int(payload.manifest["step"])
+        return int(payload.manifest["step"])
 
-    def save(self, step: int, snapshot: SnapshotFn, reason: str) -> None:
-        """Commit the state at `step` (collective: every rank calls it at the same boundary)."""
-        if step == self.last_step:
-            return
-        self.last_step = step
-        started = time.perf_counter()
-        rng_states = self.env.gather_objects(capture_rng_state())
-        if self.env.is_rank0:
-            self._wait_in_flight()
-            snap = snapshot(rng_states, self.async_mode)
-            snap.fields["reason"] = reason
-            if self._pool is not None:
-                ready = threading.Event() if snap.fill is not None else None
-                self._snapshot_ready = ready
-                self._in_flight = self._pool.submit(self._write, snap, ready)
+    def find(self, source: str = "auto", check: Check | None = None) -> Payload | None:
+        """The checkpoint `restore` would load, read and verified, without loading it (collective)."""
+        return self._choose(source, check)
+
+    def _choose(self, source: str, check: Check | None) -> Payload | None:
+        """Rank 0 proposes candidates newest first; every rank reads and verifies; all agree (collective)."""
+        env = self.env
+        error, located = None, None
+        if env.is_rank0:
+            try:
+                located = self._locate(source)
+            except UserError as exc:
+                error = str(exc)
+        env.agree(error)
+        pending = resolver.candidates(located, "size") if located is not None else iter(())
+        while True:
+            candidate, error = None, None
+            if env.is_rank0:
+                try:
+                    verdict = next(pending, None)
+                    if verdict is not None:
+                        candidate = (verdict.url, verdict.manifest)
+                        reason = check(verdict.manifest) if check else None
+                        if reason:
+                            error = f"cannot resume from {verdict.url}: {reason}"
+                    elif located is not None and located.explicit:
+                        error = f"--resume {located.display_url} is not a valid checkpoint"
+                except Exception as exc:  # noqa: BLE001 - storage trouble during discovery is the user's to fix
+                    error = f"cannot search {located.display_url} for checkpoints: {describe_error(exc)}"
+            env.agree(error)
+            candidate = env.broadcast_object(candidate)
+            if candidate is None:
+                if source not in ("auto", "never"):
+                    raise UserError(f"--resume {source}: no valid checkpoint there")
+                return None
+            url, manifest = candidate
+            problem, payload = None, None
+            try:
+                payload = read_payload(Storage(url, self.options), manifest, verify_sha=self.verify == "sha256")
+            except CorruptCheckpoint as exc:
+                problem = str(exc)
+            except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
+                problem = f"unreadable ({describe_error(exc)})"
+            problems = [p for p in env.all_gather_objects(problem) if p]
+            if not problems:
+                log.info("resuming from %s (step %d, epoch %d)", url, manifest["step"], manifest["epoch"])
+                self.resumed_url = url
+                return payload
+            if located is not None and located.explicit or source not in ("auto", "never"):
+                env.agree(f"--resume {url} is not a valid checkpoint: {problems[0]}")
+            if env.is_rank0:
+                resolver.log_skip(catalog.Verdict(catalog.CheckpointRef(0, 0, url), url, False, problems[0]))
+
+    def _locate(self, source: str) -> resolver.Located | None:
+        if source in ("auto", "never"):
+            refs = catalog.newest_first(catalog.list_checkpoints(self.storage))
+            if source == "never":
+                committed = [r for r in refs if self.storage.exists(f"{r.name}/{mf.MANIFEST}")]
+                if committed:
+                    raise UserError(
+                        f"run dir {self.storage.display_url} already holds {len(committed)} checkpoint(s) "
+                        f"(newest {committed[0].name}); --resume never would start over beside them. "
+                        "Use --resume auto to continue, or a new --run-dir")
+                return None
+            return resolver.Located(self.storage, refs, explicit=False)
+        return resolver.locate(source, self.options, what="--resume")
+
+    def _restore_rng(self, states: list[dict[str, Any]] | None) -> bool:
+        """This rank's saved RNG state when the world size is unchanged; False when there is none."""
+        if not states or len(states) != self.env.world_size:
+            return False
+        restore_rng_state(states[self.env.rank])
+        return True
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def claim(self, config_yaml: str | None = None) -> int:
+        """Register this attempt (the fencing generation) and tidy the run dir (collective, idempotent)."""
+        if self.generation is not None:
+            return self.generation
+        env = self.env
+        writer_id = new_writer_id()
+        generation = 0
+        if env.is_rank0:
+            self.storage.makedirs("")
+            self.storage.check_conditional_writes()  # once: warns when the store ignores If-None-Match
+            registry = AttemptRegistry(self.storage)
+            resumed = self.resumed_from.get("generation") if self.resumed_from and self._resumed_step is not None \
+                else None
+            generation = registry.register(writer_id, str(resumed) if resumed is not None else None)
+            removed = clean_stale(self.storage, generation)
+            if removed:
+                log.info("removed %d leftover staging or partial folder(s) of earlier attempts", len(removed))
+            if config_yaml is not None:
+                self.storage.write_bytes("config.yaml", config_yaml.encode())
+            log.info("attempt %d on run dir %s", generation, self.storage.display_url)
+        self.generation = env.broadcast_object(generation)
+        writer = CheckpointWriter(self.storage, self.generation, writer_id, AttemptRegistry(self.storage)) \
+            if env.is_rank0 else None
+        self._saver = Checkpointer(env, self.storage, writer, self.policy, self.async_save,
+                                   self.max_consecutive_failures, self._committed)
+        if self._resumed_step is not None:
+            self._saver.mark_committed(self._resumed_step)
+        return self.generation
+
+    def save(self, step: int, state: Mapping[str, Any], *, epoch: int = 0, reason: str = "interval",
+             metrics: dict[str, Any] | None = None, fields: dict[str, Any] | None = None,
+             defer: Callable[[torch.Tensor], bool] | None = None) -> None:
+        """Commit `state` as the checkpoint of `step` (collective; rank 0 writes, maybe in the background).
+
+        A failed save is logged and the next one tries again (see `must_stop`). `defer`
+        (the trainer's) names tensors whose copy may run in the writer thread because only
+        the optimizer update changes them; it must call `wait_snapshot()` before that update.
+        """
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise UserError(f"save: step must be a non-negative whole number, got {step!r}")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise UserError(f"save: epoch must be a non-negative whole number, got {epoch!r}")
+        _check_state(state)
+        self.claim()
+        world_size = self.env.world_size
+
+        def snapshot(rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:
+            trees = {name: capture(value) for name, value in state.items()}
+            if copy:
+                entries = {name: self._buffers.copy_tree(tree, name, defer) for name, tree in trees.items()}
+                fill = self._buffers.take_pending()
             else:
-                self._write(snap)
-        self.stall_seconds += time.perf_counter() - started
+                entries, fill = {name: to_cpu_tree(tree) for name, tree in trees.items()}, None
+            entries[RNG] = rng_states
+            manifest_fields = dict(fields or {})
+            manifest_fields.update({"epoch": epoch, "world_size": world_size, "reason": reason,
+                                    "entries": sorted(trees)})
+            if metrics:
+                manifest_fields["metrics"] = dict(metrics)
+            return Snapshot(step, entries, manifest_fields, fill)
+
+        self._saver.save(step, snapshot, reason)
+
+    def add_commit_listener(self, listener: Callable[[Committed], None]) -> None:
+        """Call `listener(committed)` on rank 0 after each commit (from the writer thread when async)."""
+        self._listeners.append(listener)
+
+    def _committed(self, committed: Committed) -> None:
+        for listener in list(self._listeners):
+            listener(committed)
+
+    def wait_snapshot(self) -> None:
+        if self._saver is not None:
+            self._saver.wait_snapshot()
 
     @property
     def must_stop(self) -> bool:
-        """Rank 0's view: too many failed saves, or superseded (shared with the other ranks at a boundary)."""
-        return self.superseded is not None or self.consecutive_failures >= self.max_consecutive_failures
+        """Rank 0's view: too many failed saves in a row, or a newer attempt took over."""
+        return self._saver is not None and self._saver.must_stop
 
     @property
-    def writing(self) -> bool:
-        """A background save is still being written (rank 0, async mode)."""
-        return self._in_flight is not None and not self._in_flight.done()
+    def superseded(self) -> str | None:
+        return self._saver.superseded if self._saver is not None else None
 
-    def wait_written(self) -> None:
-        """Block until the save in flight is committed or has failed (failures are recorded, not raised)."""
-        self._wait_in_flight()
+    @property
+    def last_committed(self) -> Committed | None:
+        return self._saver.last_committed if self._saver is not None else None
 
-    def wait_snapshot(self) -> None:
-        """Called before every optimizer update: the state must not change while a snapshot is taken.
+    @property
+    def stall_seconds(self) -> float:
+        return self._saver.stall_seconds if self._saver is not None else 0.0
 
-        An async save copies parameters and optimizer state in the writer thread while the
-        next forward and backward pass run; only if that copy is slower than them does the
-        training thread wait here (counted in `stall_seconds`).
-        """
-        ready = self._snapshot_ready
-        if ready is None:
-            return
-        if not ready.is_set():
-            started = time.perf_counter()
-            ready.wait()
-            self.stall_seconds += time.perf_counter() - started
-        self._snapshot_ready = None
+    def wait(self) -> None:
+        """Block until a background save in flight is committed or has failed."""
+        if self._saver is not None:
+            self._saver.wait_written()
 
-    def finish(self) -> bool:
-        """Wait for the save in flight; True when the newest save succeeded."""
-        self._wait_in_flight()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        return self.consecutive_failures == 0 and self.superseded is None
+    def close(self) -> bool:
+        """Finish the save in flight; True when the newest save succeeded (or nothing was saved)."""
+        return self._saver.finish() if self._saver is not None else True
 
-    # -- rank 0 -----------------------------------------------------------------------------
+    def __enter__(self) -> "CheckpointManager":
+        return self
 
-    def _wait_in_flight(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.result()  # _write never raises: failures are recorded
-            self._in_flight = None
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
-    def _write(self, snap: Snapshot, ready: threading.Event | None = None) -> None:
-        assert self.writer is not None
-        started = time.perf_counter()
-        try:
-            try:
-                if snap.fill is not None:
-                    snap.fill()
-            finally:
-                if ready is not None:
-                    ready.set()
-            fields = dict(snap.fields)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # pinned non_blocking copies must have landed
-            committed = self.writer.commit(snap.step, snap.files(), fields,
-                                           deferred={"model_digest": lambda: model_digest(snap.model)})
-        except SupersededError as exc:
-            self.superseded = str(exc)
-            log.error("checkpoint at step %d not committed: %s", snap.step, exc)
-            return
-        except (OSError, ValueError, RuntimeError, StorageError) as exc:  # StorageError: e.g. CommitConflict
-            self.consecutive_failures += 1
-            log.error("checkpoint at step %d failed (%d in a row, stop after %d): %s", snap.step,
-                      self.consecutive_failures, self.max_consecutive_failures, describe_error(exc))
-            log.debug("checkpoint failure traceback:\n%s", traceback.format_exc())
-            return
-        except Exception:  # noqa: BLE001 - a bug; keep the traceback, and do not lose the job
-            self.consecutive_failures += 1
-            log.exception("checkpoint at step %d failed unexpectedly", snap.step)
-            return
-        self.consecutive_failures = 0
-        self.last_committed = committed
-        self._val_losses[committed.name] = val_loss_of(committed.manifest)
-        log.info("committed %s (step %d, %.1f MB, %.2fs)", committed.url, snap.step,
-                 sum(f["size"] for f in committed.manifest["files"].values()) / 1e6, time.perf_counter() - started)
-        if self.on_commit:
-            self.on_commit(committed)
-        self._apply_retention()
 
-    def _apply_retention(self) -> None:
-        if not self.policy.active:
-            return
-        try:
-            committed = [ref for ref in catalog.list_checkpoints(self.storage) if self._is_committed(ref)]
-            for ref in plan(committed, self.policy, self._val_loss):
-                if self.writer and self.writer.registry:
-                    self.writer.registry.check_current(self.writer.generation)
-                delete_checkpoint(self.storage, ref)
-                self._val_losses.pop(ref.name, None)
-                log.info("retention: deleted %s", self.storage.url(ref.name))
-        except SupersededError as exc:
-            self.superseded = str(exc)
-        except Exception as exc:  # noqa: BLE001 - retention failures never stop training
-            log.warning("retention pass failed: %s", describe_error(exc))
-
-    def _is_committed(self, ref: CheckpointRef) -> bool:
-        if ref.name in self._val_losses:
-            return True
-        try:
-            manifest = catalog.read_manifest(self.storage.child(ref.name))
-        except Exception:  # noqa: BLE001 - not committed (or unreadable): never counted, never deleted
-            return False
-        self._val_losses[ref.name] = val_loss_of(manifest)
-        return True
-
-    def _val_loss(self, ref: CheckpointRef) -> float | None:
-        return self._val_losses.get(ref.name)
+def _check_state(state: Mapping[str, Any]) -> None:
+    if not isinstance(state, Mapping) or not state:
+        raise UserError("the checkpoint state must be a non-empty dict of name -> object")
+    for name in state:
+        if not isinstance(name, str) or not name or not mf.safe_relative_name(name + ".safetensors") \
+                or "/" in name or name.startswith("."):
+            raise UserError(f"checkpoint state entry name {name!r} must be a plain name (letters, digits, _.-)")
+        if name in RESERVED:
+            raise UserError(f"checkpoint state entry name {name!r} is reserved (dist_train stores RNG states there)")

@@ -45,10 +45,14 @@ def model_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         tensor = state_dict[key].detach()
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             tensor = tensor.to("cpu").contiguous()
-        digest.update(key.encode() + b"\0" + str(tensor.dtype).encode() + b"\0"
-                      + json.dumps(list(tensor.shape)).encode() + b"\0")
+        digest.update(digest_prefix(key, tensor.dtype, tensor.shape))
         digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
+
+
+def digest_prefix(key: str, dtype: torch.dtype, shape) -> bytes:
+    """What `model_digest` hashes before a tensor's bytes (also used to digest a sharded model streamed)."""
+    return key.encode() + b"\0" + str(dtype).encode() + b"\0" + json.dumps(list(shape)).encode() + b"\0"
 
 
 def safe_relative_name(name: Any) -> bool:

@@ -1,5 +1,10 @@
 """Retention: which committed checkpoints to keep, and deleting the rest safely.
 
+Each rule keeps a set and the sets add up; the newest committed checkpoint is always
+kept, so any rule works on its own: `keep_best` alone keeps the K lowest validation
+losses plus the newest, `keep_every` alone thins the history to the steps that are
+multiples of M plus the newest. No rule at all keeps everything.
+
 Old checkpoints go only after a newer one is committed; the newest valid one is
 never deleted; a deletion removes the manifest first, so a half-deleted folder is
 never mistaken for a checkpoint.
@@ -26,7 +31,7 @@ class RetentionPolicy:
 
     @property
     def active(self) -> bool:
-        return self.keep_last is not None
+        return any(rule is not None for rule in (self.keep_last, self.keep_best, self.keep_every))
 
 
 def plan(committed: list[CheckpointRef], policy: RetentionPolicy,
@@ -35,8 +40,9 @@ def plan(committed: list[CheckpointRef], policy: RetentionPolicy,
     if not policy.active or not committed:
         return []
     ordered = sorted(committed)
-    keep = set(ordered[-policy.keep_last:])
-    keep.add(ordered[-1])
+    keep = {ordered[-1]}
+    if policy.keep_last:
+        keep.update(ordered[-policy.keep_last:])
     if policy.keep_every:
         keep.update(ref for ref in ordered if ref.step % policy.keep_every == 0)
     if policy.keep_best:
@@ -49,7 +55,7 @@ def delete_checkpoint(storage: Storage, ref: CheckpointRef) -> None:
     """Manifest first (the checkpoint stops being valid), then its files, then the folder."""
     folder = storage.child(ref.name)
     folder.delete(mf.MANIFEST)
-    storage.sync_dir(ref.name) if storage.is_local else None
+    storage.sync_dir(ref.name)
     for entry in folder.list(""):
         if entry.is_dir:
             folder.delete_tree(entry.name)

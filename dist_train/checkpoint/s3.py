@@ -1,9 +1,11 @@
-"""S3 specifics behind the storage seam: client settings and concurrent multipart uploads.
+"""S3 specifics behind the storage seam, as helpers over an s3fs filesystem.
 
-Large files go up as multipart uploads with `UPLOAD_CONCURRENCY` parts of `PART_SIZE`
-in flight, assembled from the tensors' memory as they are needed; a failed upload is
-aborted so no half-made object or orphaned parts stay behind. The conditional create
-of manifests (`If-None-Match: *`) is in `Storage.create_exclusive`.
+Client settings (bounded retries, timeouts, `AWS_ENDPOINT_URL`), the conditional
+create (`If-None-Match: *`), and concurrent multipart uploads: large files go up
+with `UPLOAD_CONCURRENCY` parts of `PART_SIZE` in flight, assembled from the
+tensors' memory as they are needed; a failed upload is aborted so no half-made
+object or orphaned parts stay behind. `storage.S3Storage` is the backend class that
+uses them; this module knows nothing of it (no import cycle).
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-from dist_train.checkpoint.faults import describe_error, is_transient
-
-if TYPE_CHECKING:
-    from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.faults import RetryPolicy, describe_error, is_transient, precondition_failed
 
 log = logging.getLogger(__name__)
 
@@ -49,48 +48,73 @@ def s3_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def multipart_upload(storage: "Storage", rel: str, chunks: Iterable[Any]) -> None:
-    """Concurrent multipart upload of the chunks; a failed upload is aborted, never left half-made."""
+def put_if_absent(fs: Any, path: str, data: bytes) -> bool:
+    """One PUT with `If-None-Match: *`: True when it created the object, False on 412 (it exists).
+
+    412 also answers a retry of our own create whose first answer was lost: callers that care
+    read the object back and compare (writer.py, fencing.py).
+    """
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except OSError as exc:
+        if precondition_failed(exc):
+            return False
+        raise
+    return True
+
+
+def head_bucket(fs: Any, root: str) -> None:
+    fs.call_s3("head_bucket", Bucket=root.split("/", 1)[0])
+
+
+def multipart_upload(fs: Any, path: str, chunks: Iterable[Any], retry: RetryPolicy, slots: dict[str, Any],
+                     label: str) -> None:
+    """Concurrent multipart upload of the chunks; a failed upload is aborted, never left half-made.
+
+    `slots` holds the semaphore of part slots shared by the uploads of one storage;
+    `label` names the file in messages.
+    """
     from fsspec.asyn import sync
 
-    bucket, key, _ = storage.fs.split_path(storage.path(rel))
+    bucket, key, _ = fs.split_path(path)
+    part_size = PART_SIZE
 
     def parts() -> Iterable[bytes]:
         buffer = bytearray()
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
             while view:
-                take = min(len(view), PART_SIZE - len(buffer))
+                take = min(len(view), part_size - len(buffer))
                 buffer += view[:take]
                 view = view[take:]
-                if len(buffer) == PART_SIZE:
+                if len(buffer) == part_size:
                     yield bytes(buffer)
                     buffer.clear()
         if buffer:
             yield bytes(buffer)
 
     async def upload() -> None:
-        call = storage.fs._call_s3
+        call = fs._call_s3
         mpu = await call("create_multipart_upload", Bucket=bucket, Key=key)
         upload_id = mpu["UploadId"]
-        # One pool of part slots per Storage, shared by the files a commit uploads side by side:
+        # One pool of part slots per storage, shared by the files a commit uploads side by side:
         # at most UPLOAD_CONCURRENCY parts (of PART_SIZE bytes) are in memory and in flight at once.
-        semaphore = storage.__dict__.get("_upload_slots")
+        semaphore = slots.get("semaphore")
         if semaphore is None:
-            semaphore = storage._upload_slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+            semaphore = slots["semaphore"] = asyncio.Semaphore(UPLOAD_CONCURRENCY)
         tasks: list[asyncio.Task] = []
 
         async def put_part(number: int, body: bytes) -> dict:
             try:
-                for attempt in range(storage.retry.attempts):
+                for attempt in range(retry.attempts):
                     try:
                         out = await call("upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
                                          PartNumber=number, Body=body)
                         return {"PartNumber": number, "ETag": out["ETag"]}
                     except Exception as exc:  # noqa: BLE001
-                        if attempt + 1 >= storage.retry.attempts or not is_transient(exc):
+                        if attempt + 1 >= retry.attempts or not is_transient(exc):
                             raise
-                        await asyncio.sleep(storage.retry.delay(attempt))
+                        await asyncio.sleep(retry.delay(attempt))
                 raise AssertionError("unreachable")
             finally:
                 semaphore.release()
@@ -111,8 +135,8 @@ def multipart_upload(storage: "Storage", rel: str, chunks: Iterable[Any]) -> Non
             try:
                 await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
             except Exception as exc:  # noqa: BLE001 - the original error matters more
-                log.warning("could not abort multipart upload of %s: %s", storage.url(rel), describe_error(exc))
+                log.warning("could not abort multipart upload of %s: %s", label, describe_error(exc))
             raise
-        storage.fs.invalidate_cache(storage.path(rel))
+        fs.invalidate_cache(path)
 
-    sync(storage.fs.loop, upload)
+    sync(fs.loop, upload)

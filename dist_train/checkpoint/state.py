@@ -1,9 +1,10 @@
-"""What goes into a training checkpoint, and reading it back with every byte verified.
+"""What goes into a checkpoint, and reading it back with every byte verified.
 
-Three files: `model.safetensors` (the unwrapped model's state_dict, loadable on its
-own for deployment), `optimizer.safetensors` and `trainer.safetensors` (scheduler,
-grad scaler, counters, sampler position, best metric and the RNG state of every
-rank). All are safetensors with JSON skeletons: nothing is ever unpickled.
+A checkpoint holds one file per *entry* of the saved state: `model.safetensors` (the
+unwrapped model's state_dict, plain safetensors, loadable on its own for deployment),
+and `<entry>.safetensors` for everything else (the optimizer, the trainer's counters,
+scheduler and sampler, the user's extras, and `rng`: the RNG state of every rank) as
+safetensors with a JSON skeleton. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -17,31 +18,38 @@ import torch
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.serialization import FormatError, TensorFile, load_tensors, load_tree, tensor_file, tree_file
 from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.reader import CorruptCheckpoint, read_bytes, read_files  # noqa: F401 - re-exported
 
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_FILE = "trainer.safetensors"
+MODEL = "model"
+SUFFIX = ".safetensors"
+MODEL_FILE = MODEL + SUFFIX
+
+
+def file_name(entry: str) -> str:
+    return entry + SUFFIX
 
 
 @dataclass
 class Snapshot:
     """CPU state taken at a step boundary; the writer serializes it (maybe in the background).
 
-    `fill`, when set, holds copies into the snapshot's buffers that were deferred to the
-    writer thread: it must run before the tensors are read, and the training thread must
-    not change the state until it has (`Checkpointer.wait_snapshot`).
+    `entries` maps an entry name to its CPU state tree. `fill`, when set, holds copies into
+    the snapshot's buffers that were deferred to the writer thread: it must run before the
+    tensors are read, and the training thread must not change the state until it has
+    (`Checkpointer.wait_snapshot`).
     """
     step: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    trainer: dict[str, Any]
+    entries: dict[str, Any]
     fields: dict[str, Any] = field(default_factory=dict)
     fill: Callable[[], None] | None = None
 
+    @property
+    def model(self) -> dict[str, torch.Tensor]:
+        return self.entries.get(MODEL, {})
+
     def files(self) -> dict[str, TensorFile]:
-        return {MODEL_FILE: tensor_file(self.model, {"format": "pt"}),
-                OPTIMIZER_FILE: tree_file(self.optimizer),
-                TRAINER_FILE: tree_file(self.trainer)}
+        return {file_name(name): tensor_file(tree, {"format": "pt"}) if name == MODEL else tree_file(tree)
+                for name, tree in self.entries.items()}
 
     @property
     def nbytes(self) -> int:
@@ -113,47 +121,38 @@ def to_cpu_tree(tree: Any) -> Any:
     return tree
 
 
-class CorruptCheckpoint(Exception):
-    """A listed file is missing, of the wrong size, fails its sha256, or does not parse."""
-
-
 @dataclass
 class Payload:
+    """A checkpoint read back: its manifest and each entry's state tree."""
     manifest: dict[str, Any]
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any] | None = None
-    trainer: dict[str, Any] | None = None
+    entries: dict[str, Any]
+
+    @property
+    def model(self) -> dict[str, torch.Tensor]:
+        return self.entries[MODEL]
+
+
+def entry_names(manifest: dict[str, Any]) -> list[str]:
+    """The state entries a checkpoint holds: its top-level `<entry>.safetensors` files."""
+    return sorted(name[:-len(SUFFIX)] for name in manifest["files"] if name.endswith(SUFFIX) and "/" not in name)
 
 
 def read_file(folder: Storage, manifest: dict[str, Any], name: str, verify_sha: bool) -> bytes:
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise CorruptCheckpoint(f"manifest does not list {name}")
-    try:
-        data = folder.read(name)
-    except FileNotFoundError:
-        raise CorruptCheckpoint(f"file {name} is missing") from None
-    if len(data) != entry["size"]:
-        raise CorruptCheckpoint(f"file {name} is {len(data)} bytes, manifest says {entry['size']}")
-    if verify_sha and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CorruptCheckpoint(f"file {name} does not match its sha256 (corrupted)")
-    return data
+    """One file's bytes (a bytearray), checked against the manifest: size, and sha256 when asked."""
+    return read_bytes(folder, manifest, name, verify_sha)
 
 
 def read_payload(folder: Storage, manifest: dict[str, Any], verify_sha: bool = True,
                  model_only: bool = False) -> Payload:
     """Read and check the checkpoint's files; CorruptCheckpoint names the first problem."""
-    try:
-        model = load_tensors(read_file(folder, manifest, MODEL_FILE, verify_sha))
-        if model_only:
-            return Payload(manifest, model)
-        optimizer = load_tree(read_file(folder, manifest, OPTIMIZER_FILE, verify_sha))
-        trainer = load_tree(read_file(folder, manifest, TRAINER_FILE, verify_sha))
-    except FormatError as exc:
-        raise CorruptCheckpoint(str(exc)) from None
-    if not isinstance(trainer, dict) or not isinstance(optimizer, dict):
-        raise CorruptCheckpoint("trainer or optimizer state has the wrong structure")
-    return Payload(manifest, model, optimizer, trainer)
+    names = [MODEL] if model_only else entry_names(manifest)
+    if MODEL not in entry_names(manifest) and model_only:
+        raise CorruptCheckpoint(f"manifest does not list {MODEL_FILE}")
+    # The files are read, hashed and parsed side by side, straight into their tensors (reader.py).
+    files = read_files(folder, manifest, [file_name(name) for name in names], verify_sha,
+                       trees={file_name(name) for name in names if name != MODEL})
+    loaded = {name: files[file_name(name)] for name in names}
+    return Payload(manifest, {name: f.tensors if name == MODEL else f.tree for name, f in loaded.items()})
 
 
 def open_checkpoint(url: str, storage_options: dict | None = None) -> tuple[Storage, dict[str, Any]]:

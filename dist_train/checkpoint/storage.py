@@ -1,16 +1,24 @@
 """The one storage seam: every run-dir read and write goes through `Storage`, over fsspec.
 
-Local disk, `file://`, `s3://`, `memory://` and any other fsspec URL look the same
-to the rest of the code. Two things differ by backend and are decided here:
-durability (local files are fsynced, folders renamed into place) and the
-conditional create that commits a manifest only if absent (O_EXCL locally,
-`If-None-Match: *` on S3). Transient remote faults are retried with backoff within
-a bounded budget. Tests inject faults through `Storage.hooks`, which every mutating
-operation calls first.
+`Storage(url)` opens the backend class that fits the URL: `LocalStorage` (a path,
+`file://`), `S3Storage` (`s3://`) or `FsspecStorage` (any other fsspec URL, e.g.
+`memory://`, `gs://`). The rest of the code sees one interface; what differs by
+backend is a method of its class, not a branch:
+
+- durability: local files and folders are fsynced; stores are durable once they answer;
+- the commit primitive: local folders can be renamed into place (`atomic_rename`),
+  stores commit with a conditional create instead;
+- the conditional create: O_EXCL locally, `If-None-Match: *` on S3 (probed once per run
+  by `check_conditional_writes`, since some servers ignore it), check-then-write elsewhere;
+- large writes: streamed to disk, multipart uploads on S3; listing refresh and retries.
+
+Transient remote faults are retried with backoff within a bounded budget. Tests inject
+faults through `Storage.hooks`, which every mutating operation calls first.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
@@ -18,20 +26,22 @@ import posixpath
 import re
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from dist_train.checkpoint.faults import RetryPolicy, describe_error, is_transient, precondition_failed
 from dist_train.checkpoint import s3
+from dist_train.checkpoint.faults import RetryPolicy, describe_error, is_transient
 from dist_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[str, str], None]
+PROBE_DIR = "_attempts"  # where the conditional-write probe goes: fencing's folder, claimed anyway
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,15 @@ class Entry:
     name: str
     is_dir: bool
     size: int
+
+
+@dataclass
+class _Shared:
+    """State shared by a storage and its `child()` views: one lock, one probe verdict, one upload pool."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    creates_checked: bool = False
+    creates_best_effort: bool = False  # the store ignores conditional writes: check, then write
+    upload_slots: dict[str, Any] = field(default_factory=dict)
 
 
 def redact_url(url: str) -> str:
@@ -52,9 +71,13 @@ def redact_url(url: str) -> str:
     return url
 
 
+def _protocol(url: str) -> str:
+    return fsspec.core.split_protocol(url)[0] or "file"
+
+
 def check_url_scheme(url: str) -> None:
     """Refuse a run-dir URL whose scheme fsspec does not know (or cannot import) up front."""
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    protocol = _protocol(url)
     if not re.fullmatch(r"[a-z][a-z0-9+.\-]*", protocol):
         raise UserError(f"run dir {redact_url(url)!r}: malformed URL scheme")
     try:
@@ -67,50 +90,69 @@ def check_url_scheme(url: str) -> None:
                         f"installed ({exc})") from None
 
 
+def _backend(url: str) -> type["Storage"]:
+    protocol = _protocol(url)
+    if protocol in S3Storage.protocols:
+        return S3Storage
+    try:
+        if issubclass(fsspec.get_filesystem_class(protocol), LocalFileSystem):
+            return LocalStorage
+    except (ValueError, ImportError):
+        pass  # FsspecStorage's check_url_scheme says what is wrong
+    return FsspecStorage
+
+
+def _join(chunks: Iterable[Any]) -> bytes:
+    if isinstance(chunks, (bytes, bytearray)):
+        return bytes(chunks)
+    return b"".join(bytes(c) for c in chunks)
+
+
 class Storage:
-    """A run dir (or any folder) behind one small interface; paths are relative to it."""
+    """A run dir (or any folder) behind one small interface; paths are relative to it.
+
+    `Storage(url, options)` returns the backend subclass for the URL's protocol.
+    """
 
     hooks: list[Hook] = []  # fault injection for tests: called as hook(operation, relative path)
+    atomic_rename = False  # folders can be renamed into place (the local commit primitive)
+    appendable = False  # `local_path` files can be opened for appending
+    retries = True  # transient faults are retried (never on local disk: they are not transient)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Storage":
+        if cls is Storage and args:
+            cls = _backend(args[0])
+        return super().__new__(cls)
 
     def __init__(self, url: str, options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
         check_url_scheme(url)
         self.display_url = redact_url(url.rstrip("/") or url)
         self.options = dict(options or {})
         self.retry = retry or RetryPolicy()
-        protocol = fsspec.core.split_protocol(url)[0] or "file"
-        kwargs = dict(self.options)
-        if protocol in ("s3", "s3a"):
-            kwargs = s3.s3_options(kwargs)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **kwargs)
+            self.fs, root = fsspec.core.url_to_fs(url, **self._fs_kwargs(self.options))
         except (TypeError, ValueError) as exc:
-            raise UserError(f"storage options do not fit {protocol}://: {exc}") from None
-        self.root = self.root.rstrip("/") if self.root not in ("/", "") else self.root
-        self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.is_s3 = protocol in ("s3", "s3a")
-        if self.is_s3:
-            self.fs.retries = 1  # see s3.BOTOCORE_ATTEMPTS
-        self._lock = threading.Lock()
+            raise UserError(f"storage options do not fit {_protocol(url)}://: {exc}") from None
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self._shared = _Shared()
+
+    def _fs_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        return dict(options)
 
     # -- naming -------------------------------------------------------------------------
 
     def path(self, rel: str = "") -> str:
         rel = rel.strip("/")
-        if not rel:
-            return self.root
-        return os.path.join(self.root, rel) if self.is_local else posixpath.join(self.root, rel)
+        return posixpath.join(self.root, rel) if rel else self.root
 
     def url(self, rel: str = "") -> str:
         """The user-facing URL of `rel` (a plain path for local disk)."""
         rel = rel.strip("/")
-        if self.is_local:
-            return self.path(rel)
-        base = self.display_url
-        return f"{base}/{rel}" if rel else base
+        return f"{self.display_url}/{rel}" if rel else self.display_url
 
     def child(self, rel: str) -> "Storage":
         """The same filesystem rooted at a sub-folder (no new connection)."""
-        sub = object.__new__(Storage)
+        sub = object.__new__(type(self))
         sub.__dict__.update(self.__dict__)
         sub.root = self.path(rel)
         sub.display_url = self.url(rel)
@@ -123,7 +165,7 @@ class Storage:
         if mutating:
             for hook in list(Storage.hooks):
                 hook(operation, rel)
-        attempts = self.retry.attempts if (retry and not self.is_local) else 1
+        attempts = self.retry.attempts if (retry and self.retries) else 1
         started = time.monotonic()
         for attempt in range(attempts):
             try:
@@ -144,12 +186,14 @@ class Storage:
 
     # -- reading ------------------------------------------------------------------------
 
+    def _ls(self, path: str) -> list[dict[str, Any]]:
+        return self.fs.ls(path, detail=True, refresh=True)  # another process may just have written
+
     def list(self, rel: str = "") -> list[Entry]:
         """Immediate children of `rel` in one listing call; [] when it does not exist."""
         def run() -> list[Entry]:
             try:
-                entries = self.fs.ls(self.path(rel), detail=True, refresh=True) if not self.is_local else \
-                    self.fs.ls(self.path(rel), detail=True)
+                entries = self._ls(self.path(rel))
             except FileNotFoundError:
                 return []
             out = []
@@ -162,23 +206,41 @@ class Storage:
             return out
         return self._call("list", rel, run, mutating=False)
 
+    def folders(self, rel: str = "") -> list[str]:
+        """Sub-folders of `rel` that hold at least one object, in one recursive listing.
+
+        Object stores may go on listing a folder for minutes after its last object is gone
+        (SeaweedFS does); such a folder holds nothing and is not reported.
+        """
+        def run() -> list[str]:
+            base = self.path(rel).rstrip("/") + "/"
+            try:
+                found = self.fs.find(self.path(rel), withdirs=False)
+            except FileNotFoundError:
+                return []
+            names = set()
+            for key in found:
+                inner = key[len(base):] if key.startswith(base) else ""
+                if "/" in inner.strip("/") and not key.endswith("/"):
+                    names.add(inner.split("/", 1)[0])
+            return sorted(names)
+        return self._call("list", rel, run, mutating=False)
+
     def read(self, rel: str) -> bytes:
         return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)), mutating=False)
 
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file (fewer at its end): one ranged GET on a store, pread on disk."""
+        return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=end),
+                          mutating=False)
+
     def iter_read(self, rel: str, block_size: int) -> Iterable[bytes]:
         """The file's bytes in blocks, so a large file is hashed without holding it whole."""
-        if self.is_local:
-            with open(self.path(rel), "rb") as handle:
-                while block := handle.read(block_size):
-                    yield block
-            return
         size = self.size(rel)
         if size is None:
             raise FileNotFoundError(self.url(rel))
         for start in range(0, size, block_size):
-            end = min(size, start + block_size)
-            yield self._call("read", rel, lambda s=start, e=end: self.fs.cat_file(self.path(rel), start=s, end=e),
-                             mutating=False)
+            yield self.read_range(rel, start, min(size, start + block_size))
 
     def size(self, rel: str) -> int | None:
         def run() -> int | None:
@@ -192,113 +254,61 @@ class Storage:
         return self._call("exists", rel, lambda: self.fs.exists(self.path(rel)), mutating=False)
 
     def local_path(self, rel: str = "") -> str:
-        assert self.is_local, "local_path on a remote run dir"
-        return self.path(rel)
+        raise NotImplementedError(f"{self.display_url} is not on local disk")
 
     # -- writing ------------------------------------------------------------------------
 
     def makedirs(self, rel: str = "") -> None:
-        if self.is_local:
-            self._call("makedirs", rel, lambda: os.makedirs(self.path(rel), exist_ok=True), mutating=True)
+        """Make the folder where folders exist (local disk); stores have none."""
+
+    def _streams(self, size: int) -> bool:
+        """Write this file straight from its chunks (never retried whole) rather than as one PUT."""
+        return False
+
+    def _write_stream(self, rel: str, chunks: Iterable[Any]) -> None:
+        raise NotImplementedError
 
     def write(self, rel: str, chunks: Iterable[Any], size: int) -> None:
-        """Write a file from byte chunks; durable (fsynced) on local disk, multipart when large remotely."""
-        if self.is_local:
-            self._call("write", rel, lambda: self._write_local(rel, chunks), mutating=True)
-        elif self.is_s3 and size >= s3.MULTIPART_THRESHOLD:
-            self._call("write", rel, lambda: s3.multipart_upload(self, rel, chunks), mutating=True, retry=False)
+        """Write a file from byte chunks; durable (fsynced) on local disk, multipart when large on S3."""
+        if self._streams(size):
+            self._call("write", rel, lambda: self._write_stream(rel, chunks), mutating=True, retry=False)
         else:
-            data = b"".join(bytes(c) for c in chunks) if not isinstance(chunks, (bytes, bytearray)) else chunks
-            self._call("write", rel, lambda: self.fs.pipe_file(self.path(rel), bytes(data)), mutating=True)
+            data = _join(chunks)
+            self._call("write", rel, lambda: self.fs.pipe_file(self.path(rel), data), mutating=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.write(rel, [data], len(data))
 
-    def _write_local(self, rel: str, chunks: Iterable[Any]) -> None:
-        path = self.path(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def write_many(self, files: dict[str, tuple[int, Iterable[Any]]],
+                   pool: concurrent.futures.Executor) -> None:
+        """Write several files ({rel: (size, chunks)}); on a store side by side on `pool`, so one
+        upload's round trips overlap another's transfer. Returns once every write has stopped."""
+        writes = [pool.submit(self.write, rel, chunks, size) for rel, (size, chunks) in files.items()]
         try:
-            offset = 0
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                start = offset
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    offset += written
-                _start_writeback(fd, start, offset - start)
-            os.fsync(fd)
+            for future in writes:
+                future.result()
         finally:
-            os.close(fd)
+            for future in writes:
+                future.cancel()
+            concurrent.futures.wait(writes)  # a failed commit is cleaned up only once every upload stopped
+
+    def _create(self, path: str, data: bytes) -> bool:
+        """No atomic primitive: an exists-check is the best such a store offers."""
+        with self._shared.lock:
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+            return True
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create `rel` holding `data` only if it does not exist; False when it already did.
-
-        Local disk: O_CREAT|O_EXCL, then fsync. S3: a PUT with `If-None-Match: *`.
-        Other fsspec backends have no atomic primitive; an exists-check is the best they offer.
-        """
-        def run() -> bool:
-            path = self.path(rel)
-            if self.is_local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                return True
-            if self.is_s3:
-                try:
-                    self.fs.pipe_file(path, data, mode="create")
-                except OSError as exc:
-                    # 412 also when a retry of our own create (whose answer was lost) finds it made:
-                    # callers that care read the object back and compare (writer.py, fencing.py).
-                    if precondition_failed(exc):
-                        return False
-                    raise
-                return True
-            with self._lock:
-                if self.fs.exists(path):
-                    return False
-                self.fs.pipe_file(path, data)
-                return True
-        return self._call("create", rel, run, mutating=True)
+        """Create `rel` holding `data` only if it does not exist; False when it already did."""
+        return self._call("create", rel, lambda: self._create(self.path(rel), data), mutating=True)
 
     def rename(self, src: str, dst: str) -> None:
-        """Atomic rename of a local folder; refuses to replace an existing target."""
-        assert self.is_local, "rename is only atomic on local disk"
-
-        def run() -> None:
-            target = self.path(dst)
-            if os.path.exists(target):
-                raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target)
-            try:
-                os.rename(self.path(src), target)
-            except OSError as exc:
-                # Two writers past the check at once: the kernel lets one rename onto the (then
-                # non-empty) folder fail; that is the same "already taken" answer.
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target) from None
-                raise
-        self._call("rename", dst, run, mutating=True)
+        raise NotImplementedError(f"{self.display_url}: rename is only atomic on local disk")
 
     def sync_dir(self, rel: str = "") -> None:
-        """fsync a local folder so a rename or create inside it survives power loss."""
-        if not self.is_local:
-            return
-
-        def run() -> None:
-            fd = os.open(self.path(rel), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._call("sync_dir", rel, run, mutating=True)
+        """Make a rename or create inside `rel` durable (local disk; stores are durable once they answer)."""
 
     def delete(self, rel: str) -> None:
         """Delete one file; already gone is fine."""
@@ -319,25 +329,13 @@ class Storage:
 
     # -- checks -------------------------------------------------------------------------
 
+    def _check_access(self) -> None:
+        self.list("")
+
     def check_reachable(self) -> None:
         """Fail with a clear line when the store cannot be used: missing bucket, bad endpoint, no access."""
         try:
-            if self.is_s3:
-                # No operation-level retries here: a wrong endpoint or bucket must fail in seconds, and
-                # quietly; botocore still retries a transient fault of the single request.
-                bucket = self.root.split("/", 1)[0]
-                self._call("check", "", lambda: self.fs.call_s3("head_bucket", Bucket=bucket), mutating=False,
-                           retry=False)
-            elif self.is_local:
-                parent = self.root
-                while not os.path.exists(parent):
-                    parent = os.path.dirname(parent) or "/"
-                if not os.path.isdir(parent):
-                    raise UserError(f"run dir {self.display_url}: {parent} is not a folder")
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise UserError(f"run dir {self.display_url}: permission denied on {parent}")
-            else:
-                self.list("")
+            self._check_access()
         except UserError:
             raise
         except FileNotFoundError:
@@ -348,6 +346,204 @@ class Storage:
             raise UserError(f"run dir {self.display_url}: storage options do not fit ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
             raise UserError(f"run dir {self.display_url}: storage not reachable ({describe_error(exc)})") from None
+
+    def _creates_are_atomic(self, probe_dir: str) -> bool:
+        return False
+
+    def check_conditional_writes(self, strict: bool = False, probe_dir: str = PROBE_DIR) -> None:
+        """Once per run, when the run dir is claimed: is `create_exclusive` atomic on this store?
+
+        When it is not, creates fall back to check-then-write, and one warning says that fencing
+        and manifest exclusivity are best-effort here; with `strict` that is a UserError instead.
+        """
+        shared = self._shared
+        if shared.creates_checked:
+            return
+        if not self._creates_are_atomic(probe_dir):
+            what = self._no_atomic_create_reason()
+            if strict:
+                raise UserError(f"run dir {self.display_url}: {what}, so fencing and manifest exclusivity "
+                                "would only be best-effort; --strict-fencing refuses such a store")
+            log.warning("run dir %s: %s; falling back to check-then-write: fencing and manifest exclusivity "
+                        "are best-effort on this server", self.display_url, what)
+            shared.creates_best_effort = True
+        shared.creates_checked = True
+
+    def _no_atomic_create_reason(self) -> str:
+        return f"{_protocol(self.display_url)}:// has no atomic create-if-absent"
+
+
+class LocalStorage(Storage):
+    """Local disk: fsynced files, O_EXCL creates, folders renamed into place."""
+
+    atomic_rename = True
+    appendable = True
+    retries = False
+
+    def path(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        return self.path(rel)
+
+    def _ls(self, path: str) -> list[dict[str, Any]]:
+        return self.fs.ls(path, detail=True)
+
+    def folders(self, rel: str = "") -> list[str]:
+        def holds_a_file(path: str) -> bool:
+            return any(files for _, _, files in os.walk(path))
+        return [e.name for e in self.list(rel) if e.is_dir and holds_a_file(self.path(f"{rel}/{e.name}"))]
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        def run() -> bytes:
+            fd = os.open(self.path(rel), os.O_RDONLY)
+            try:
+                parts, offset = [], start
+                while offset < end:
+                    block = os.pread(fd, end - offset, offset)
+                    if not block:
+                        break
+                    parts.append(block)
+                    offset += len(block)
+                return b"".join(parts)
+            finally:
+                os.close(fd)
+        return self._call("read", rel, run, mutating=False)
+
+    def iter_read(self, rel: str, block_size: int) -> Iterable[bytes]:
+        with open(self.path(rel), "rb") as handle:
+            while block := handle.read(block_size):
+                yield block
+
+    def local_path(self, rel: str = "") -> str:
+        return self.path(rel)
+
+    def makedirs(self, rel: str = "") -> None:
+        self._call("makedirs", rel, lambda: os.makedirs(self.path(rel), exist_ok=True), mutating=True)
+
+    def _streams(self, size: int) -> bool:
+        return True
+
+    def _write_stream(self, rel: str, chunks: Iterable[Any]) -> None:
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            offset = 0
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                start = offset
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    offset += written
+                _start_writeback(fd, start, offset - start)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_many(self, files: dict[str, tuple[int, Iterable[Any]]],
+                   pool: concurrent.futures.Executor) -> None:
+        """One file after the other (side by side measured no faster on disk)."""
+        for rel, (size, chunks) in files.items():
+            self.write(rel, chunks, size)
+
+    def _create(self, path: str, data: bytes) -> bool:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomic rename of a local folder; refuses to replace an existing target."""
+        def run() -> None:
+            target = self.path(dst)
+            if os.path.exists(target):
+                raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target)
+            try:
+                os.rename(self.path(src), target)
+            except OSError as exc:
+                # Two writers past the check at once: the kernel lets one rename onto the (then
+                # non-empty) folder fail; that is the same "already taken" answer.
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(errno.EEXIST, "checkpoint folder exists", target) from None
+                raise
+        self._call("rename", dst, run, mutating=True)
+
+    def sync_dir(self, rel: str = "") -> None:
+        def run() -> None:
+            fd = os.open(self.path(rel), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._call("sync_dir", rel, run, mutating=True)
+
+    def _check_access(self) -> None:
+        parent = self.root
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent) or "/"
+        if not os.path.isdir(parent):
+            raise UserError(f"run dir {self.display_url}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"run dir {self.display_url}: permission denied on {parent}")
+
+    def _creates_are_atomic(self, probe_dir: str) -> bool:
+        return True  # O_EXCL
+
+
+class S3Storage(Storage):
+    """S3 and S3-compatible stores: conditional PUTs, multipart uploads, bounded retries."""
+
+    protocols = ("s3", "s3a")
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
+        super().__init__(url, options, retry)
+        self.fs.retries = 1  # see s3.BOTOCORE_ATTEMPTS
+
+    def _fs_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        return s3.s3_options(options)
+
+    def _streams(self, size: int) -> bool:
+        return size >= s3.MULTIPART_THRESHOLD
+
+    def _write_stream(self, rel: str, chunks: Iterable[Any]) -> None:
+        s3.multipart_upload(self.fs, self.path(rel), chunks, self.retry, self._shared.upload_slots, self.url(rel))
+
+    def _create(self, path: str, data: bytes) -> bool:
+        if self._shared.creates_best_effort:
+            with self._shared.lock:  # If-None-Match is ignored here: check first, still send it
+                return not self.fs.exists(path) and s3.put_if_absent(self.fs, path, data)
+        return s3.put_if_absent(self.fs, path, data)
+
+    def _check_access(self) -> None:
+        # No operation-level retries here: a wrong endpoint or bucket must fail in seconds, and
+        # quietly; botocore still retries a transient fault of the single request.
+        self._call("check", "", lambda: s3.head_bucket(self.fs, self.root), mutating=False, retry=False)
+
+    def _creates_are_atomic(self, probe_dir: str) -> bool:
+        """Create one probe object twice: a server that honours `If-None-Match: *` refuses the second."""
+        rel = f"{probe_dir}/.probe-{uuid.uuid4().hex[:16]}"
+        try:
+            self.create_exclusive(rel, b"probe")  # False only when a lost answer was retried: still ours
+            return not self.create_exclusive(rel, b"probe again")
+        finally:
+            self.delete(rel)
+
+    def _no_atomic_create_reason(self) -> str:
+        return "the server ignores conditional writes (If-None-Match: *)"
+
+
+class FsspecStorage(Storage):
+    """Any other fsspec filesystem (memory://, gs://, az://, ...): no rename, check-then-write creates."""
 
 
 _WRITEBACK_MIN = 4 * 2**20
@@ -373,5 +569,3 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     closing fsync (which still guarantees durability) has little left to wait for. Linux only."""
     if _sync_file_range is not None and length >= _WRITEBACK_MIN:
         _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: asynchronous, never fails a save
-
-

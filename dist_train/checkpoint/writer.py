@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.catalog import STAGING_PREFIX, checkpoint_name
+from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.serialization import TensorFile
 from dist_train.checkpoint.storage import Storage
@@ -87,32 +88,17 @@ class CheckpointWriter:
         self._upload_pool = concurrent.futures.ThreadPoolExecutor(UPLOAD_FILES, thread_name_prefix="ckpt-upload")
 
     def _write_files(self, folder: str, files: dict[str, TensorFile | bytes]) -> dict[str, Any]:
-        """Write the files while their sha256s are computed beside them.
-
-        Local disk: one file after the other (side by side measured no faster). Object
-        stores: side by side, so one upload's round trips overlap another's transfer.
-        """
+        """Write the files (as the backend writes best: in turn on disk, side by side to a store)
+        while their sha256s are computed beside them."""
         hashes = {rel: self._hash_pool.submit(_sha256, content) for rel, content in files.items()}
-        writes: dict[str, concurrent.futures.Future] = {}
         try:
-            if self.storage.is_local:
-                for rel, content in files.items():
-                    self._write_one(f"{folder}/{rel}", content)
-            else:
-                writes = {rel: self._upload_pool.submit(self._write_one, f"{folder}/{rel}", content)
-                          for rel, content in files.items()}
-                for future in writes.values():
-                    future.result()
+            self.storage.write_many({f"{folder}/{rel}": _payload(content) for rel, content in files.items()},
+                                    self._upload_pool)
             return {rel: {"size": _payload(content)[0], "sha256": hashes[rel].result()}
                     for rel, content in files.items()}
         finally:
-            for future in (*hashes.values(), *writes.values()):
+            for future in hashes.values():
                 future.cancel()
-            concurrent.futures.wait(writes.values())  # clean up a failed commit only once every upload stopped
-
-    def _write_one(self, rel: str, content: TensorFile | bytes) -> None:
-        size, chunks = _payload(content)
-        self.storage.write(rel, chunks, size)
 
     def commit(self, step: int, files: dict[str, TensorFile | bytes], fields: dict[str, Any],
                deferred: dict[str, Callable[[], Any]] | None = None) -> Committed:
@@ -128,15 +114,19 @@ class CheckpointWriter:
         if deferred:
             futures = {key: self._hash_pool.submit(compute) for key, compute in deferred.items()}
             fields = _LateFields(fields, futures)
-        if self.storage.is_local:
-            return self._commit_by_rename(name, step, files, fields)
-        return self._commit_by_conditional_put(name, step, files, fields)
+        commit = self._commit_by_rename if self.storage.atomic_rename else self._commit_by_conditional_put
+        return commit(name, step, files, fields)
 
     def _manifest(self, step: int, table: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         manifest = fields.resolve() if isinstance(fields, _LateFields) else dict(fields)
         manifest.update({"format_version": mf.FORMAT_VERSION, "step": step, "files": table,
                          "writer_id": self.writer_id, "generation": self.generation,
                          "created_at": mf.utc_now()})
+        try:  # one schema, checked on write: never commit what the reader would reject
+            mf.parse(mf.encode(manifest))
+        except ValueError as exc:
+            raise ValueError(f"refusing to commit checkpoint step {step}: its manifest would not be readable "
+                             f"({exc})") from None
         return manifest
 
     def _commit_by_rename(self, name: str, step: int, files: dict[str, Any], fields: dict[str, Any]) -> Committed:
@@ -206,24 +196,113 @@ class CheckpointWriter:
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
             log.warning("could not clean up %s: %s", self.storage.url(rel), exc)
 
+    # -- the same protocol in three calls, for checkpoints every rank writes a share of ------------
+    # (dist_train/checkpoint/sharded.py): rank 0 `begin`s, every rank `write_part`s into the folder,
+    # rank 0 `finish`es with all ranks' file tables, or `abort`s when any rank failed.
+
+    def begin(self, step: int) -> str:
+        """Rank 0: the folder (relative to the run dir) every rank writes its files into.
+
+        Local disk: a fresh staging folder. Object stores: the checkpoint's own folder, claimed.
+        """
+        name = checkpoint_name(self.generation, step)
+        if self.storage.atomic_rename:
+            staging = f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            self.storage.makedirs(staging)
+            return staging
+        claim_rel = f"{name}/{CLAIM}"
+        if not self.storage.create_exclusive(claim_rel, self.writer_id.encode()):
+            if self._read_claim(claim_rel) != self.writer_id:
+                raise CommitConflict(f"{self.storage.url(name)} is being written by another writer")
+        return name
+
+    def write_part(self, folder: str, files: dict[str, TensorFile | bytes]) -> dict[str, Any]:
+        """Any rank: write and hash `files` into `folder`; their manifest entries (size, sha256)."""
+        for rel in files:
+            if not mf.safe_relative_name(rel):
+                raise ValueError(f"unsafe checkpoint file name {rel!r}")
+        return self._write_files(folder, files)
+
+    def finish(self, step: int, folder: str, table: dict[str, Any], fields: dict[str, Any]) -> Committed:
+        """Rank 0, once every rank's files are written: check the fence, then commit the manifest.
+
+        On failure the folder is discarded (unless the manifest is someone's committed one).
+        """
+        name = checkpoint_name(self.generation, step)
+        if self.storage.atomic_rename:
+            try:
+                manifest = self._manifest(step, table, fields)
+                self.storage.write_bytes(f"{folder}/{mf.MANIFEST}", mf.encode(manifest))
+                subfolders = {rel.rsplit("/", 1)[0] for rel in table if "/" in rel}
+                for sub in sorted(subfolders, key=lambda s: (-s.count("/"), s)):  # deepest first
+                    self.storage.sync_dir(f"{folder}/{sub}")
+                self.storage.sync_dir(folder)
+                if self.registry:
+                    self.registry.check_current(self.generation)
+                self.storage.rename(folder, name)
+            except BaseException:
+                self._discard(folder)
+                raise
+            self.storage.sync_dir("")
+            return Committed(name, self.storage.url(name), manifest)
+        manifest_rel = f"{name}/{mf.MANIFEST}"
+        attempted_manifest = False
+        try:
+            manifest = self._manifest(step, table, fields)
+            if self.registry:
+                self.registry.check_current(self.generation)
+            attempted_manifest = True
+            if not self.storage.create_exclusive(manifest_rel, mf.encode(manifest)):
+                existing = self._read_existing(manifest_rel)
+                if existing is None or existing.get("writer_id") != self.writer_id or \
+                        existing.get("files") != table:
+                    attempted_manifest = False
+                    raise CommitConflict(f"{self.storage.url(name)} was committed by another writer")
+                log.info("manifest create was retried after it had succeeded; %s is ours", name)
+                manifest = existing
+        except BaseException:
+            if not attempted_manifest:
+                self._discard(name, keep_manifest=True)
+            raise
+        return Committed(name, self.storage.url(name), manifest)
+
+    def abort(self, folder: str) -> None:
+        """Rank 0, when any rank failed: best-effort removal of every rank's files (never a committed one)."""
+        self._discard(folder, keep_manifest=not self.storage.atomic_rename)
+
 
 def clean_stale(storage: Storage, generation: int) -> list[str]:
-    """Remove staging folders and manifest-less checkpoint folders left by older attempts."""
+    """Remove staging folders and manifest-less checkpoint folders left by older attempts.
+
+    Best effort, never fatal: an older attempt's workers may still be writing into their
+    folder while this one cleans up. A folder that cannot be removed gets one log line, and
+    a later attempt removes what is left.
+    """
     from dist_train.checkpoint.catalog import parse_name
 
     removed = []
-    for entry in storage.list(""):
+    try:
+        entries = storage.list("")
+    except Exception as exc:  # noqa: BLE001 - clean-up must not fail the attempt
+        log.warning("could not list %s for leftovers of earlier attempts: %s", storage.display_url,
+                    describe_error(exc))
+        return removed
+    for entry in entries:
         if not entry.is_dir:
             continue
-        stale = False
-        if entry.name.startswith(STAGING_PREFIX):
-            ref = parse_name(entry.name[len(STAGING_PREFIX):].rsplit("-", 1)[0])
-            stale = ref is None or ref.generation < generation
-        else:
-            ref = parse_name(entry.name)
-            if ref is not None and ref.generation < generation:
-                stale = not storage.exists(f"{entry.name}/{mf.MANIFEST}")
-        if stale:
-            storage.delete_tree(entry.name)
-            removed.append(entry.name)
+        try:
+            stale = False
+            if entry.name.startswith(STAGING_PREFIX):
+                ref = parse_name(entry.name[len(STAGING_PREFIX):].rsplit("-", 1)[0])
+                stale = ref is None or ref.generation < generation
+            else:
+                ref = parse_name(entry.name)
+                if ref is not None and ref.generation < generation:
+                    stale = not storage.exists(f"{entry.name}/{mf.MANIFEST}")
+            if stale:
+                storage.delete_tree(entry.name)
+                removed.append(entry.name)
+        except Exception as exc:  # noqa: BLE001 - e.g. ENOTEMPTY: a zombie worker still writes there
+            log.warning("could not remove leftover %s (%s); a later attempt will", storage.url(entry.name),
+                        describe_error(exc))
     return removed

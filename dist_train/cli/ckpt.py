@@ -36,7 +36,8 @@ def register(commands) -> None:
     sub.add_argument("--verify", choices=("sha256", "size"), default="sha256")
     sub.set_defaults(handler=cmd_latest)
 
-    sub = actions.add_parser("best", help="URL of the valid checkpoint with the lowest validation loss")
+    sub = actions.add_parser("best", help="URL of the valid checkpoint with the lowest validation loss "
+                             "(a warning on stderr when the run's best was pruned)")
     common(sub)
     sub.set_defaults(handler=cmd_best)
 
@@ -46,11 +47,16 @@ def register(commands) -> None:
 
     sub = actions.add_parser("prune", help="delete older checkpoints; never the newest valid one")
     common(sub)
-    sub.add_argument("--keep-last", type=int, required=True, metavar="N")
-    sub.add_argument("--keep-best", type=int, metavar="K", help="also keep the K lowest validation losses")
-    sub.add_argument("--keep-every", type=int, metavar="M", help="also keep steps that are multiples of M")
+    sub.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
+    sub.add_argument("--keep-best", type=int, metavar="K", help="keep the K lowest validation losses")
+    sub.add_argument("--keep-every", type=int, metavar="M", help="keep steps that are multiples of M")
     sub.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     sub.set_defaults(handler=cmd_prune)
+
+    sub = actions.add_parser("convert", help="one safetensors file of a checkpoint's model (sharded or not)")
+    common(sub, "CKPT")
+    sub.add_argument("--out", required=True, metavar="FILE", help="the safetensors file to write (path or URL)")
+    sub.set_defaults(handler=cmd_convert)
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -77,23 +83,34 @@ def _human(size: int) -> str:
     return str(size)
 
 
+def _row(verdict: catalog.Verdict) -> dict:
+    """The contract's keys (`reason`: why it is invalid), plus why it was saved and its validation loss."""
+    row = verdict.as_dict()
+    row["save_reason"] = (verdict.manifest or {}).get("reason")
+    row["val_loss"] = val_loss_of(verdict.manifest)
+    return row
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     storage = _run_dir(args)
-    rows = [v.as_dict() for v in catalog.scan(storage, args.verify)]
+    rows = [_row(v) for v in catalog.scan(storage, args.verify)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
         print(f"no checkpoints in {storage.display_url}")
         return 0
-    print(f"{'STEP':>8} {'EPOCH':>5} {'GEN':>4} {'SIZE':>9}  {'CREATED':24} {'VALID':5}  URL / REASON")
+    print(f"{'STEP':>8} {'EPOCH':>5} {'GEN':>4} {'SIZE':>9}  {'CREATED':24} {'SAVED AT':9} {'VAL LOSS':>8} "
+          f"{'VALID':5}  URL / REASON")
     for row in rows:
         epoch = "" if row["epoch"] is None else row["epoch"]
         valid = "yes" if row["valid"] else "NO"
-        print(f"{row['step']:>8} {epoch:>5} {row['generation']:>4} {_human(row['size']):>9}  "
-              f"{row['created_at'] or '-':24} {valid:5}  {row['url']}")
+        loss = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
+        line = (f"{row['step']:>8} {epoch:>5} {row['generation']:>4} {_human(row['size']):>9}  "
+                f"{row['created_at'] or '-':24} {row['save_reason'] or '-':9} {loss:>8} {valid:5}  ")
+        print(f"{line}{row['url']}")
         if not row["valid"]:
-            print(f"{'':>63}  reason: {row['reason']}")
+            print(f"{'':{len(line)}}reason: {row['reason']}")
     return 0
 
 
@@ -109,15 +126,37 @@ def cmd_latest(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    """The lowest validation loss among the valid checkpoints. When the best the run recorded (the newest
+    valid manifest's `best`) is lower, its checkpoint was pruned or is invalid: one warning line on stderr
+    names its step and what is printed instead, and the exit status stays 0 (the best that exists)."""
     storage = _run_dir(args)
-    scored = [(val_loss_of(v.manifest), v) for v in catalog.scan(storage, "sha256") if v.valid]
-    scored = [(loss, v) for loss, v in scored if loss is not None]
+    verdicts = catalog.scan(storage, "sha256")
+    valid = [v for v in verdicts if v.valid]
+    recorded = _recorded_best(max(valid, key=lambda v: v.ref)) if valid else None
+    scored = [(loss, v) for v in valid if (loss := val_loss_of(v.manifest)) is not None]
     if not scored:
-        print(f"no valid checkpoint with a validation loss in {storage.display_url}", file=sys.stderr)
+        gone = f" (the run's best, step {recorded[1]}, is gone)" if recorded else ""
+        print(f"no valid checkpoint with a validation loss in {storage.display_url}{gone}", file=sys.stderr)
         return 1
     loss, best = min(scored, key=lambda pair: (pair[0], -pair[1].ref.step))
+    if recorded is not None and recorded[0] < loss:
+        value, step = recorded
+        invalid = [v for v in verdicts if v.ref.step == step and not v.valid]
+        why = f"is invalid ({invalid[-1].reason})" if invalid else "is no longer there (pruned)"
+        print(f"warning: the run's best validation loss {value:.6g} (step {step}) belongs to a checkpoint that "
+              f"{why}; printing the best remaining one instead: step {best.ref.step}, validation loss {loss:.6g}",
+              file=sys.stderr)
     print(best.url)
     return 0
+
+
+def _recorded_best(verdict: catalog.Verdict) -> tuple[float, int | None] | None:
+    """(val_loss, step) of the best validation so far, as a checkpoint's manifest recorded it."""
+    best = (verdict.manifest or {}).get("best") or {}
+    value = best.get("val_loss")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value), best.get("step")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -150,6 +189,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.keep_last is None and args.keep_best is None and args.keep_every is None:
+        raise UserError("ckpt prune: say what to keep: --keep-last N, --keep-best K and/or --keep-every M")
     storage = _run_dir(args)
     newest_valid = catalog.newest_valid(storage, "sha256")
     if newest_valid is None:
@@ -168,4 +209,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"deleted {storage.url(ref.name)}")
     kept = len(committed) - len(doomed)
     print(f"{'would keep' if args.dry_run else 'kept'} {kept} checkpoint(s); newest valid: {newest_valid.url}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dist_train.checkpoint.convert import convert
+
+    done = convert(args.target, args.out, _options(args))
+    print(f"wrote {done.url}: {done.tensors} tensors, {_human(done.size)}, model_digest {done.model_digest}")
     return 0

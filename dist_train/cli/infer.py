@@ -13,7 +13,6 @@ import sys
 
 from dist_train.cli.parsing import storage_options
 from dist_train.errors import UserError
-from dist_train.models.config import MODELS
 
 
 def register(commands) -> None:
@@ -21,8 +20,8 @@ def register(commands) -> None:
         sub.add_argument("--checkpoint", required=True, metavar="URL",
                          help="a checkpoint folder, or a run dir (then its newest valid checkpoint)")
         sub.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options as JSON")
-        sub.add_argument("--model", choices=MODELS, metavar="NAME",
-                         help="the architecture you expect; a checkpoint of another model is refused")
+        sub.add_argument("--model", metavar="NAME",
+                         help="the model you expect (a built-in name or MODULE:ATTR); another is refused")
 
     def data(sub) -> None:
         sub.add_argument("--data-root", metavar="PATH", help="where the data set's files are now, if moved")

@@ -1,16 +1,15 @@
-"""An argparse parser whose errors are `UserError`s: one line, exit status 2, no usage dump."""
+"""Parsers of the sub-commands: `Parser` (errors are `UserError`s: one line, exit status 2, no usage
+dump; no abbreviated flags; unknown ones get a suggestion) lives in `dist_train.config.parser`,
+below the CLI, because the launcher parses the `train` flags too."""
 
 from __future__ import annotations
 
 import argparse
 
+from dist_train.config.parser import Parser
 from dist_train.errors import UserError
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        command = self.prog.partition(" ")[2]  # "" for the top-level parser, "ckpt list" for a sub-command
-        raise UserError(f"{command}: {message}" if command else message)
+__all__ = ["Parser", "subparsers", "storage_options"]
 
 
 def subparsers(parser: argparse.ArgumentParser, dest: str):

@@ -22,7 +22,7 @@ from dist_train.checkpoint.storage import redact_url
 from dist_train.config.fields import allowed_choices, coerce, validate
 from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
 from dist_train.errors import UserError
-from dist_train.models.config import BACKBONES, ModelConfig
+from dist_train.models.config import ModelConfig
 from dist_train.training.config import OptimConfig, TrainConfig
 
 
@@ -53,7 +53,8 @@ class JobConfig:
         """sha256 of what shapes the training math (not where it is stored or how it is logged)."""
         semantic = self.to_dict()
         semantic.pop("checkpoint")
-        for key in ("log_every", "progress", "preempt_deadline", "sample_log", "device"):
+        for key in ("log_every", "progress", "preempt_deadline", "sample_log", "device", "preemption_notice",
+                    "exit_on_notice", "notice_interval"):
             semantic["train"].pop(key)
         semantic["data"].pop("num_workers")
         semantic["data"].pop("data_root")
@@ -90,13 +91,30 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for key, (section, f) in FIELDS.items():
         group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"{section} options"))
         meta = f.metadata
-        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": meta["help"]}
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": _help_with_default(f)}
         if meta["kind"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             choices = allowed_choices(meta)
             kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else key.upper()
         group.add_argument(flag_name(key), **kwargs)
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The field's help with its default, as `--help` shows it: "... (default: 10)"."""
+    text = f.metadata["help"]
+    if "default" in text:  # the help already says it in words ("default: native size")
+        return text.replace("%", "%%")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if default is None:
+        shown = "not set"
+    elif isinstance(default, bool):
+        shown = "true" if default else "false"
+    elif isinstance(default, (dict, list)):
+        shown = json.dumps(default)
+    else:
+        shown = str(default)
+    return f"{text} (default: {shown})".replace("%", "%%")  # argparse %-formats help strings
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -129,7 +147,12 @@ def _flatten_yaml(data: dict[str, Any], path: str) -> dict[str, Any]:
         elif key in FIELDS:
             flat[key] = value
         else:
-            raise UserError(f"unknown key '{raw_key}' in config file {path}")
+            from dist_train.config.parser import suggestion
+
+            known = [*FIELDS, *section_names]
+            known = [k.replace("_", "-") for k in known] if "-" in str(raw_key) else known
+            hint = suggestion(str(raw_key), known, quote="'")
+            raise UserError(f"unknown key '{raw_key}' in config file {path}{hint}")
     return flat
 
 
@@ -157,19 +180,20 @@ def _check_combinations(config: JobConfig) -> None:
     if data.dataset in DATASETS_NEEDING_ROOT:
         if not data.data_root:
             raise UserError(f"data set {data.dataset} needs --data-root (a folder holding its files)")
-        if not data.download and not os.path.isdir(data.data_root):
-            raise UserError(f"data root not found: {data.data_root} (data set {data.dataset}; "
-                            "pass --download to fetch a torchvision data set)")
+        downloadable = data.dataset != "image_folder"  # --download applies to torchvision's data sets only
+        if not (data.download and downloadable) and not os.path.isdir(data.data_root):
+            hint = "; pass --download to fetch it" if downloadable else " needs a folder of class folders"
+            raise UserError(f"data root not found: {data.data_root} (data set {data.dataset}{hint})")
     if data.val_fraction + data.test_fraction >= 1:
         raise UserError("invalid val_fraction + test_fraction: together they must leave training data (< 1)")
-    if model.freeze_backbone and model.model not in BACKBONES:
-        raise UserError(f"--freeze-backbone needs a torchvision backbone ({', '.join(BACKBONES)}), "
-                        f"got model {model.model}")
-    if model.pretrained_weights is not None:
+    if model.freeze_backbone and ":" not in model.model:
+        from dist_train.models.registry import BACKBONES
         if model.model not in BACKBONES:
-            raise UserError(f"--pretrained-weights needs a torchvision backbone, got model {model.model}")
-        if not os.path.isfile(model.pretrained_weights):
-            raise UserError(f"pretrained weights not found: {model.pretrained_weights}")
+            raise UserError(f"--freeze-backbone needs a torchvision backbone ({', '.join(BACKBONES)}) or your own "
+                            f"factory taking freeze_backbone, got model {model.model}")
+    if model.pretrained_weights is not None and not os.path.isfile(model.pretrained_weights) \
+            and not os.path.isdir(model.pretrained_weights):
+        raise UserError(f"pretrained weights not found: {model.pretrained_weights}")
     if config.train.sample_log and "://" in config.train.sample_log:
         raise UserError("invalid sample_log (--sample-log): must be a local folder")
 

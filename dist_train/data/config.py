@@ -6,8 +6,14 @@ from dataclasses import dataclass
 
 from dist_train.config.fields import fraction, non_negative, option, positive
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "image_folder")
+BUILTIN_DATASETS = ("digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "image_folder")
 DATASETS_NEEDING_ROOT = ("mnist", "fashion_mnist", "cifar10", "image_folder")
+
+
+def _dataset(value: str) -> str | None:
+    from dist_train.data.registry import DATASETS  # torch is imported only once a job is configured
+
+    return DATASETS.check_name(value)
 
 
 def _shape(value: str) -> str | None:
@@ -19,8 +25,10 @@ def _shape(value: str) -> str | None:
 
 @dataclass
 class DataConfig:
-    dataset: str = option("digits", "data set; digits is embedded (no download, no data root)",
-                          kind=str, choices=DATASETS)
+    dataset: str = option("digits", "a built-in data set (" + ", ".join(BUILTIN_DATASETS) + "; digits is "
+                          "embedded: no download, no data root) or your own as MODULE:ATTR, called as "
+                          "ATTR(split, **dataset_args) for split train, val and test", kind=str, check=_dataset)
+    dataset_args: dict = option({}, "JSON object of keyword arguments for your data set factory", kind="json")
     data_root: str | None = option(None, "folder holding mnist/fashion_mnist/cifar10 files or an image folder",
                                    kind=str, nullable=True)
     download: bool = option(False, "allow torchvision to download mnist/fashion_mnist/cifar10 into --data-root",

@@ -1,8 +1,9 @@
-"""The data sets a job can train on, each split deterministically into train / val / test.
+"""The built-in data sets, each split deterministically into train / val / test.
 
 `digits` (the default) is scikit-learn's real 8x8 handwritten digits, which ship with
 the package: no download, no data root. torchvision data sets are read from
-`--data-root` and downloaded only with an explicit `--download`.
+`--data-root` and downloaded only with an explicit `--download`. A user's own data set
+comes through `data/registry.py` and ends up in the same `DataBundle`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,31 @@ from dist_train.data.config import DataConfig
 from dist_train.data.transforms import (IMAGENET_STATS, TORCHVISION_STATS, eval_image_transform,
                                         grayscale_transform, tensor_transform, train_image_transform)
 from dist_train.errors import UserError
-from dist_train.training.determinism import generator
+from dist_train.determinism import generator
 
 
 @dataclass
 class DataBundle:
+    """The splits of a job's data and what the data set reports about its shape.
+
+    `test` is None when the data set has no test split (evaluate refuses `--split test`
+    rather than scoring another split under that name). Shape fields are None when a
+    user's data set does not report them; the model factory then does not get them.
+    """
     train: Dataset
     val: Dataset
-    test: Dataset
-    num_classes: int
-    in_channels: int
-    image_size: int
-    class_names: list[str]
+    test: Dataset | None
+    num_classes: int | None
+    in_channels: int | None
+    image_size: int | None
+    class_names: list[str] | None
     eval_transform: Callable[[Any], torch.Tensor] | None = None  # for predict on user images
     info: dict[str, Any] = field(default_factory=dict)
+
+    def shape(self) -> dict[str, Any]:
+        """What a model factory may be told: num_classes, in_channels, image_size (those known)."""
+        values = {"num_classes": self.num_classes, "in_channels": self.in_channels, "image_size": self.image_size}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -90,19 +102,13 @@ class SyntheticImages(Dataset):
         return self.prototypes[label] + 0.5 * torch.randn(self.shape, generator=gen), label
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> DataBundle:
-    builders = {"digits": _digits, "synthetic": _synthetic, "mnist": _torchvision, "fashion_mnist": _torchvision,
-                "cifar10": _torchvision, "image_folder": _image_folder}
-    return builders[cfg.dataset](cfg, seed)
-
-
 def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     if size is None or size == images.shape[-1]:
         return images
     return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _digits(cfg: DataConfig, seed: int) -> DataBundle:
+def digits(cfg: DataConfig, seed: int) -> DataBundle:
     from sklearn.datasets import load_digits
 
     raw = load_digits()
@@ -118,7 +124,7 @@ def _digits(cfg: DataConfig, seed: int) -> DataBundle:
                       eval_transform=grayscale_transform(size, mean, std), info={"mean": mean, "std": std})
 
 
-def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
+def synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     c, h, w = (int(p) for p in cfg.synthetic_shape.split(","))
     n = cfg.synthetic_size
     n_val = max(1, int(n * cfg.val_fraction))
@@ -136,7 +142,7 @@ def _synthetic(cfg: DataConfig, seed: int) -> DataBundle:
 _TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
-def _torchvision(cfg: DataConfig, seed: int) -> DataBundle:
+def torchvision_dataset(cfg: DataConfig, seed: int) -> DataBundle:
     import torchvision
 
     cls = getattr(torchvision.datasets, _TORCHVISION[cfg.dataset])
@@ -161,7 +167,7 @@ def _torchvision(cfg: DataConfig, seed: int) -> DataBundle:
                       [str(c) for c in train_base.classes], eval_transform=eval_tf)
 
 
-def _image_folder(cfg: DataConfig, seed: int) -> DataBundle:
+def image_folder(cfg: DataConfig, seed: int) -> DataBundle:
     """One sub-folder per class; `train/` + `val/` (+ `test/`) sub-folders are used when present."""
     from torchvision.datasets import ImageFolder
 
@@ -175,12 +181,12 @@ def _image_folder(cfg: DataConfig, seed: int) -> DataBundle:
             train_base = ImageFolder(os.path.join(root, "train"))
             val_base = ImageFolder(os.path.join(root, "val"))
             test_dir = os.path.join(root, "test")
-            test_base = ImageFolder(test_dir) if os.path.isdir(test_dir) else val_base
+            test_base = ImageFolder(test_dir) if os.path.isdir(test_dir) else None
             if val_base.classes != train_base.classes:
                 raise UserError(f"image folder {root}: train/ and val/ have different class folders")
             train = Subset(train_base, range(len(train_base)), train_tf)
             val = Subset(val_base, range(len(val_base)), eval_tf)
-            test = Subset(test_base, range(len(test_base)), eval_tf)
+            test = Subset(test_base, range(len(test_base)), eval_tf) if test_base is not None else None
             classes = train_base.classes
         else:
             base = ImageFolder(root)

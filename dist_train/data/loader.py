@@ -17,7 +17,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_train.data.sampler import ResumableDistributedSampler, real_index
-from dist_train.training.determinism import derive_seed, generator
+from dist_train.determinism import derive_seed, generator
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors (also inside tuples, lists and dicts) moved to `device`; anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
 
 
 class IndexedDataset(Dataset):

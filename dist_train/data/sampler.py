@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dist_train.errors import UserError
-from dist_train.training.determinism import generator
+from dist_train.determinism import generator
 
 
 def is_padding(index: int) -> bool:

@@ -28,6 +28,19 @@ class DistEnv:
     device: torch.device
     backend: str | None  # None: single process, no process group
 
+    @classmethod
+    def current(cls) -> "DistEnv":
+        """This process's place in an already initialized process group (or a single process).
+
+        For library use (a hand-written loop that called `init_process_group` itself).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(0, 1, 0, torch.device("cpu"), None)
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
@@ -104,6 +117,37 @@ class DistEnv:
 
 def torchrun_launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def stop_with_agent(poll_s: float = 0.5) -> None:
+    """A worker whose torchrun agent died stops as if preempted (SIGTERM to itself).
+
+    torchrun starts every worker in a session of its own, so an agent killed with SIGKILL (OOM
+    killer, `kill -9`, a lost container) leaves its workers training and writing checkpoints
+    into a run dir a restarted job may already own. A daemon thread notices the parent pid
+    change and sends this process SIGTERM: while training that is the preemption path (commit
+    at the next step boundary, exit 75, or exit at the deadline), before and after it the
+    default (exit at once). Not `PR_SET_PDEATHSIG`: it fires when the *thread* that forked the
+    worker exits (torch 2.14 forks from the agent's run thread, but an agent run from a
+    short-lived thread would stop healthy workers) and is Linux-only; torch's DataLoader workers
+    watch their parent the same way. Only under torch's elastic agent (`TORCHELASTIC_RUN_ID`):
+    workers started by hand with RANK/WORLD_SIZE may legitimately outlive a launching shell.
+    """
+    if not torchrun_launched() or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+    import threading
+    import time
+
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll_s)
+        log.warning("the torchrun agent (pid %d) is gone: stopping this worker as if preempted", agent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:

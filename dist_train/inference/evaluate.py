@@ -1,8 +1,9 @@
 """Measuring a checkpoint on its run's validation or test split, on one process or under torchrun.
 
-The numbers come from `training.evaluation.evaluate`, which all-reduces sums and
-the confusion matrix: under torchrun every rank scores its shard and the result
-is the global one, identical to a single-process evaluation.
+The numbers come from `training.evaluation.evaluate` with the task the model was
+trained for: under torchrun every rank scores its shard and the sums are all-reduced,
+so the result is the global one, identical to a single-process evaluation. Tasks with
+classes also get per-class accuracy and a confusion matrix.
 """
 
 from __future__ import annotations
@@ -20,26 +21,38 @@ MAX_PRINTED_CLASSES = 20
 def evaluate_split(env: DistEnv, loaded: LoadedModel, bundle, split: str, batch_size: int,
                    num_workers: int = 0) -> EvalResult:
     dataset = bundle.val if split == "val" else bundle.test
+    if dataset is None:
+        raise UserError(f"the data set of checkpoint {loaded.url} has no {split} split "
+                        f"({(loaded.manifest.get('config') or {}).get('data', {}).get('dataset')}); "
+                        "use --split val")
     if len(dataset) == 0:
         raise UserError(f"the {split} split of checkpoint {loaded.url}'s data set is empty")
-    return evaluate(env, loaded.model, dataset, loaded.spec.num_classes, batch_size, num_workers)
+    return evaluate(env, loaded.model, dataset, loaded.task, batch_size, loaded.spec.num_classes, num_workers)
 
 
 def result_dict(loaded: LoadedModel, split: str, result: EvalResult) -> dict[str, Any]:
-    names = loaded.class_names
-    return {"checkpoint": loaded.url, "step": loaded.step, "model": loaded.spec.name, "split": split,
-            "count": result.count, "loss": result.loss, "accuracy": result.accuracy,
-            "class_names": names,
-            "per_class_accuracy": dict(zip(names, result.per_class_accuracy)),
-            "per_class_count": dict(zip(names, result.confusion.sum(dim=1).tolist())),
-            "confusion": result.confusion.tolist()}
+    out: dict[str, Any] = {"checkpoint": loaded.url, "step": loaded.step, "model": loaded.spec.name,
+                           "task": loaded.task.name, "split": split, "count": result.count, "loss": result.loss,
+                           **result.metrics}
+    if result.confusion is not None:
+        names = loaded.class_names
+        out.update({"class_names": names,
+                    "per_class_accuracy": dict(zip(names, result.per_class_accuracy)),
+                    "per_class_count": dict(zip(names, result.confusion.sum(dim=1).tolist())),
+                    "confusion": result.confusion.tolist()})
+    return out
 
 
 def format_result(report: dict[str, Any]) -> list[str]:
+    skip = {"checkpoint", "step", "model", "task", "split", "count", "loss", "class_names", "per_class_accuracy",
+            "per_class_count", "confusion"}
+    metrics = "".join(f"  {k} {v:.4f}" for k, v in report.items() if k not in skip and isinstance(v, float))
+    lines = [f"checkpoint {report['checkpoint']} (step {report['step']}, {report['model']}, {report['task']})",
+             f"{report['split']}: {report['count']} samples  loss {report['loss']:.4f}{metrics}"]
+    if "confusion" not in report:
+        return lines
     names: Sequence[str] = report["class_names"]
-    lines = [f"checkpoint {report['checkpoint']} (step {report['step']}, {report['model']})",
-             f"{report['split']}: {report['count']} samples  loss {report['loss']:.4f}  "
-             f"accuracy {report['accuracy']:.4f}", "", "per-class accuracy:"]
+    lines += ["", "per-class accuracy:"]
     width = max(5, *(len(n) for n in names))
     for name in names:
         acc = report["per_class_accuracy"][name]

@@ -1,11 +1,12 @@
 """Opening a checkpoint for inference: the weights only, verified, and the data pipeline they were trained with.
 
 `--checkpoint` names a checkpoint folder or a run dir (then its newest valid
-checkpoint). The model file's sha256 is checked while it is read, the model is
-rebuilt from the manifest's `ModelSpec` and loaded strictly: a checkpoint of
-another architecture is a one-line error, never a silent partial load. The data
-set is rebuilt from the checkpoint's own config and seed, so the val/test split
-and the normalisation are exactly the ones training used.
+checkpoint, found by the one resolver resume uses too). The model file's sha256 is
+checked while it is read, the model is rebuilt from the manifest's `ModelSpec` (a
+built-in name or the user's import path, with its args) and loaded strictly: a
+checkpoint of another architecture is a one-line error, never a silent partial load.
+The data set is rebuilt from the checkpoint's own config and seed, so the val/test
+split and the normalisation are exactly the ones training used.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train.checkpoint import catalog
-from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.state import CorruptCheckpoint, open_checkpoint, read_payload
-from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint import resolver
+from dist_train.checkpoint.state import read_payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
-from dist_train.data.datasets import DataBundle, build_datasets
+from dist_train.data.datasets import DataBundle
+from dist_train.data.registry import build_datasets
 from dist_train.errors import UserError
-from dist_train.models.registry import ModelSpec, build_model
-from dist_train.resume.restore import load_model_weights
+from dist_train.models.registry import ModelSpec, build_model, load_weights
+from dist_train.training.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,16 @@ class LoadedModel:
     @property
     def class_names(self) -> list[str]:
         names = self.manifest.get("class_names")
-        if isinstance(names, list) and len(names) == self.spec.num_classes:
+        if isinstance(names, list) and names and (self.spec.num_classes in (None, len(names))):
             return [str(n) for n in names]
-        return [str(i) for i in range(self.spec.num_classes)]
+        return [str(i) for i in range(self.spec.num_classes or 0)]
+
+    @property
+    def task(self) -> Task:
+        """The task the model was trained for (its inference follows it)."""
+        config = self.manifest.get("config") if isinstance(self.manifest.get("config"), dict) else {}
+        name = self.manifest.get("task") or (config.get("train") or {}).get("task") or "classification"
+        return build_task(name)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,61 +81,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _read_weights(folder: Storage, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return read_payload(folder, manifest, verify_sha=True, model_only=True).model
-
-
 def read_weights(url: str, options: dict | None = None) -> Weights:
     """The model weights of a checkpoint folder, or of a run dir's newest valid checkpoint."""
-    target = Storage(url, options)
-    try:
-        is_checkpoint = target.exists(mf.MANIFEST)
-    except Exception as exc:  # noqa: BLE001 - unreachable store, bad endpoint, no access
-        raise UserError(f"cannot read checkpoint {target.display_url}: {describe_error(exc)}") from None
-    if is_checkpoint:
-        folder, manifest = open_checkpoint(url, options)
-        try:
-            return Weights(folder.url(), manifest, _read_weights(folder, manifest))
-        except CorruptCheckpoint as exc:
-            raise UserError(f"checkpoint {folder.display_url} is not valid: {exc}") from None
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read checkpoint {folder.display_url}: {describe_error(exc)}") from None
-    return _newest_in_run_dir(target)
+    def read(verdict) -> dict[str, torch.Tensor]:
+        return read_payload(Storage(verdict.url, options), verdict.manifest, verify_sha=True, model_only=True).model
 
-
-def _newest_in_run_dir(run_dir: Storage) -> Weights:
-    """Newest first: manifest and sizes from a listing, then the sha256 while reading; skip what fails."""
-    try:
-        refs = catalog.newest_first(catalog.list_checkpoints(run_dir))
-        if not refs:
-            if run_dir.exists(""):
-                raise UserError(f"no checkpoint in {run_dir.display_url} "
-                                "(neither a checkpoint folder nor a run dir holding checkpoints)")
-            raise UserError(f"checkpoint not found: {run_dir.display_url}")
-        reasons = []
-        for ref in refs:
-            verdict = catalog.inspect(run_dir, ref, level="size")
-            if verdict.valid:
-                folder = run_dir.child(ref.name)
-                try:
-                    return Weights(folder.url(), verdict.manifest, _read_weights(folder, verdict.manifest))
-                except CorruptCheckpoint as exc:
-                    verdict.reason = str(exc)
-            log.warning("skipping checkpoint %s: %s", verdict.url, verdict.reason)
-            reasons.append(verdict.reason)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - storage trouble while searching is the user's to fix
-        raise UserError(f"cannot search {run_dir.display_url} for checkpoints: {describe_error(exc)}") from None
-    raise UserError(f"no valid checkpoint in {run_dir.display_url} ({len(refs)} invalid; newest: {reasons[0]})")
+    verdict, state = resolver.newest_valid(url, options, read)
+    return Weights(verdict.url, verdict.manifest, state)
 
 
 def model_spec(manifest: dict[str, Any], url: str, expect_model: str | None = None) -> ModelSpec:
     """The manifest's ModelSpec; `expect_model` (--model) must name the same architecture."""
     spec = ModelSpec.from_dict(manifest.get("model") or {})
     if expect_model is not None and expect_model != spec.name:
-        raise UserError(f"checkpoint {url} holds a {spec.name} model ({spec.num_classes} classes), "
-                        f"not {expect_model}")
+        raise UserError(f"checkpoint {url} holds a {spec.describe()} model, not {expect_model}")
     return spec
 
 
@@ -137,7 +103,7 @@ def build_loaded(weights: Weights, expect_model: str | None = None,
     """A fresh model of the manifest's architecture with the checkpoint's weights, in eval mode."""
     spec = model_spec(weights.manifest, weights.url, expect_model)
     model = build_model(spec)
-    load_model_weights(model, weights.state, weights.url)
+    load_weights(model, weights.state, weights.url)
     device = device or torch.device("cpu")
     model.to(device).eval()
     return LoadedModel(weights.url, weights.manifest, spec, model, device)
@@ -170,10 +136,9 @@ def rebuild_data(loaded: LoadedModel, data_root: str | None = None) -> DataBundl
     """The checkpoint's data set with the same split and preprocessing as in training."""
     cfg, seed = data_config(loaded.manifest, loaded.url, data_root)
     bundle = build_datasets(cfg, seed)
-    spec = loaded.spec
-    theirs = (bundle.num_classes, bundle.in_channels, bundle.image_size)
-    ours = (spec.num_classes, spec.in_channels, spec.image_size)
-    if theirs != ours:
-        raise UserError(f"data set {cfg.dataset} (classes, channels, size {theirs}) does not match the model "
-                        f"of checkpoint {loaded.url} {ours}")
+    mismatched = {k: (v, bundle.shape().get(k)) for k, v in loaded.spec.shape.items() if bundle.shape().get(k) != v}
+    if mismatched:
+        raise UserError(f"data set {cfg.dataset} does not match the model of checkpoint {loaded.url}: "
+                        + ", ".join(f"{k} {theirs} in the data, {ours} in the model"
+                                    for k, (ours, theirs) in mismatched.items()))
     return bundle

@@ -22,17 +22,25 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 @dataclass
 class Prediction:
     source: str
-    top: list[tuple[int, float]]  # (class index, probability), most probable first
-    label: int | None = None      # the true class, for samples of the data set
+    top: list[tuple[int, float]] | None = None  # classification: (class, probability), most probable first
+    label: Any = None                           # the true target, for samples of the data set
+    values: list[float] | None = None           # other tasks: the model's outputs (regression values)
+    loss: float | None = None                   # other tasks, samples: the task's loss of the sample
 
     def as_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {"input": self.source,
-                               "top_k": [{"class": c, "name": class_names[c], "probability": p}
-                                         for c, p in self.top]}
-        if self.label is not None:
-            out.update({"label": self.label, "label_name": class_names[self.label],
-                        "correct": self.top[0][0] == self.label})
+        out: dict[str, Any] = {"input": self.source}
+        if self.top is not None:
+            out["top_k"] = [{"class": c, "name": _name(class_names, c), "probability": p} for c, p in self.top]
+            if self.label is not None:
+                out.update({"label": self.label, "label_name": _name(class_names, self.label),
+                            "correct": self.top[0][0] == self.label})
+            return out
+        out.update({"values": self.values, "target": self.label, "loss": self.loss})
         return out
+
+
+def _name(class_names: Sequence[str], index: int) -> str:
+    return class_names[index] if 0 <= index < len(class_names) else str(index)
 
 
 @torch.no_grad()
@@ -97,25 +105,54 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], transform: Callable
 
 def predict_samples(loaded: LoadedModel, dataset: Dataset, count: int, k: int, split: str = "val",
                     batch_size: int = 64) -> list[Prediction]:
-    """The first `count` samples of a split, with their true labels."""
+    """The first `count` samples of a split, with their true targets (the task decides what is shown)."""
+    from torch.utils.data import default_collate
+
     indices = list(range(min(count, len(dataset))))
+    task = loaded.task
     out: list[Prediction] = []
     for chunk in _batches(indices, batch_size):
         samples = [dataset[i] for i in chunk]
-        inputs = torch.stack([torch.as_tensor(x) for x, _ in samples])
-        for i, (_, label), top in zip(chunk, samples, top_k(loaded.model, inputs.to(loaded.device), k)):
-            out.append(Prediction(f"{split}[{i}]", top, int(label)))
+        inputs, targets = default_collate(samples)
+        inputs = inputs.to(loaded.device)
+        if task.has_classes:
+            for i, (_, label), top in zip(chunk, samples, top_k(loaded.model, inputs, k)):
+                out.append(Prediction(f"{split}[{i}]", top, int(label)))
+            continue
+        with torch.no_grad():
+            outputs = loaded.model(inputs)
+            losses, _ = task.score(outputs, torch.as_tensor(targets).to(loaded.device))
+        for row, (i, (_, target)) in enumerate(zip(chunk, samples)):
+            out.append(Prediction(f"{split}[{i}]", values=_flat(outputs[row]), label=_plain(target),
+                                  loss=float(losses[row])))
     return out
+
+
+def _flat(tensor: torch.Tensor, limit: int = 8) -> list[float]:
+    values = tensor.detach().float().reshape(-1).tolist()
+    return values[:limit]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _flat(value) if value.numel() > 1 else float(value)
+    return value
 
 
 def format_predictions(predictions: Sequence[Prediction], class_names: Sequence[str]) -> list[str]:
     """One line per input: `source  ->  name: probability ...` (with the true label for samples)."""
     lines = []
     for pred in predictions:
+        if pred.top is None:
+            shown = ", ".join(f"{v:.4g}" for v in pred.values or [])
+            target = pred.label if not isinstance(pred.label, list) else ", ".join(f"{v:.4g}" for v in pred.label)
+            lines.append(f"{pred.source}  ->  {shown}" + (f"   (target {target}, loss {pred.loss:.4g})"
+                                                         if pred.loss is not None else ""))
+            continue
         source = pred.source
         if pred.label is not None:
             verdict = "ok" if pred.top[0][0] == pred.label else "WRONG"
-            source += f" (true {class_names[pred.label]}, {verdict})"
-        ranked = "   ".join(f"{class_names[c]}: {p:.4f}" for c, p in pred.top)
+            source += f" (true {_name(class_names, pred.label)}, {verdict})"
+        ranked = "   ".join(f"{_name(class_names, c)}: {p:.4f}" for c, p in pred.top)
         lines.append(f"{source}  ->  {ranked}")
     return lines

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from dist_train.config.job import JobConfig
+from dist_train.config.parser import Parser, suggestion
 from dist_train.errors import UserError
 
 USAGE = "dist-train launch [torchrun options] -- train [train flags]"
@@ -68,6 +69,7 @@ def torchrun_parser() -> argparse.ArgumentParser:
     parser = get_args_parser()
     parser.prog = "dist-train launch"
     parser.usage = USAGE
+    parser.allow_abbrev = False  # as for every dist-train parser: `--nproc 2` is an error, not a guess
 
     def error(message: str) -> None:
         raise UserError(f"launch: {message}")
@@ -78,7 +80,13 @@ def torchrun_parser() -> argparse.ArgumentParser:
 
 def parse_torchrun_options(options: list[str], command: list[str]) -> argparse.Namespace:
     """torchrun's namespace with the worker fixed to `-m dist_train <command>`."""
-    args = torchrun_parser().parse_args([*options, "--module", WORKER_MODULE, *command])
+    parser = torchrun_parser()
+    args, extras = parser.parse_known_args([*options, "--module", WORKER_MODULE, *command])
+    if extras:
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        hint = suggestion(flags[0], known) if flags else ""
+        raise UserError(f"launch: unrecognized arguments: {' '.join(extras)}{hint}")
     if args.training_script != WORKER_MODULE or list(args.training_script_args) != command:
         raise UserError(f"launch: unexpected argument {args.training_script!r} before '--'; the workers always "
                         f"run `python -m {WORKER_MODULE} train` (usage: {USAGE})")
@@ -89,12 +97,17 @@ def parse_torchrun_options(options: list[str], command: list[str]) -> argparse.N
 
 
 def parse_train_command(command: list[str]) -> tuple[argparse.Namespace, JobConfig]:
-    """The `train` command parsed and resolved exactly as a worker will do it."""
-    from dist_train.cli.main import build_parser
-    from dist_train.cli.train import load_config
+    """The `train` command parsed and resolved exactly as a worker will do it: the same flags (declared by
+    the config fields), the same `resolve` and the same URL check as `dist-train train`."""
+    from dist_train.checkpoint.storage import check_url_scheme
+    from dist_train.config.job import add_config_arguments, resolve
 
-    args = build_parser().parse_args(command)
-    return args, load_config(args)
+    parser = Parser(prog="dist-train train")
+    add_config_arguments(parser)
+    args = parser.parse_args(command[1:])
+    job = resolve(args)
+    check_url_scheme(job.checkpoint.run_dir)
+    return args, job
 
 
 def check_storage(job: JobConfig) -> None:

@@ -28,6 +28,7 @@ class TransferModel(nn.Module):
         if frozen:
             for name, param in self.net.named_parameters():
                 param.requires_grad = name.startswith(head_name + ".")
+        self.train()  # frozen BatchNorm layers in eval mode from the start, not only after a validation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat_gray:
@@ -59,8 +60,8 @@ def _load_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_backbone(name: str, num_classes: int, in_channels: int, freeze: bool,
-                   pretrained_weights: str | None) -> TransferModel:
+def build_backbone(name: str, num_classes: int, in_channels: int = 3, freeze_backbone: bool = False,
+                   pretrained_weights: str | None = None) -> TransferModel:
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
@@ -79,4 +80,4 @@ def build_backbone(name: str, num_classes: int, in_channels: int, freeze: bool,
         parent[int(attr)] = new
     else:
         setattr(parent, attr, new)
-    return TransferModel(net, HEADS[name], in_channels, freeze)
+    return TransferModel(net, HEADS[name], in_channels, freeze_backbone)

@@ -1,4 +1,4 @@
-"""Configuration of the model: architecture and transfer-learning switches."""
+"""Configuration of the model: a built-in name or the user's import path, its args, transfer learning."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from dataclasses import dataclass
 
 from dist_train.config.fields import option, positive
 
-MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-          "efficientnet_b0")
-BACKBONES = tuple(name for name in MODELS if name not in ("cnn", "mlp"))
+BUILTIN_MODELS = ("cnn", "mlp", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+                  "efficientnet_b0")
+
+
+def _model(value: str) -> str | None:
+    from dist_train.models.registry import MODELS  # torch is imported only once a job is configured
+
+    return MODELS.check_name(value)
 
 
 def _dropout(value: float) -> str | None:
@@ -17,10 +22,13 @@ def _dropout(value: float) -> str | None:
 
 @dataclass
 class ModelConfig:
-    model: str = option("cnn", "architecture: the tutorial CNN, an MLP, or a torchvision backbone",
-                        kind=str, choices=MODELS)
+    model: str = option("cnn", "a built-in model (" + ", ".join(BUILTIN_MODELS) + ") or your factory as "
+                        "MODULE:ATTR, called with --model-args and the data set's num_classes, in_channels, "
+                        "image_size where its signature takes them", kind=str, check=_model)
+    model_args: dict = option({}, "JSON object of keyword arguments for the model factory", kind="json")
     freeze_backbone: bool = option(False, "train only the new head of a torchvision backbone", kind=bool)
-    pretrained_weights: str | None = option(None, "local state_dict (.pt or .safetensors) for the backbone",
-                                            kind=str, nullable=True)
+    pretrained_weights: str | None = option(None, "local weights for the backbone: a state_dict (.pt, .pth, "
+                                            ".safetensors), a training checkpoint dict, or a dist_train "
+                                            "checkpoint or export", kind=str, nullable=True)
     dropout: float = option(0.0, "dropout before the classifier of cnn/mlp", kind=float, check=_dropout)
     width: int = option(128, "hidden width of the cnn/mlp classifier", kind=int, check=positive)

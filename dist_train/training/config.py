@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config.fields import non_negative, option, positive
+from dist_train.training.notice import SOURCE_HELP, check_source
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -31,8 +32,17 @@ class OptimConfig:
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", kind=int, check=positive)
 
 
+def _task(value: str) -> str | None:
+    from dist_train.training.tasks import TASKS  # torch is imported only once a job is configured
+
+    return TASKS.check_name(value)
+
+
 @dataclass
 class TrainConfig:
+    task: str = option("classification", "what the outputs are scored against: classification (cross-entropy, "
+                       "accuracy), regression (MSE, MAE), language_model (token cross-entropy, perplexity), or "
+                       "your fn(outputs, targets) -> per-sample losses as MODULE:ATTR", kind=str, check=_task)
     epochs: int = option(10, "epochs to train (stops at --epochs or --max-steps, whichever first)",
                          kind=int, check=positive)
     max_steps: int | None = option(None, "optimizer steps to train at most", kind=int, nullable=True,
@@ -46,5 +56,13 @@ class TrainConfig:
     progress: bool = option(True, "tqdm progress bar on rank 0 when stderr is a terminal", kind=bool)
     preempt_deadline: float = option(25.0, "seconds after SIGTERM before a stuck rank exits anyway",
                                      kind=float, check=positive)
+    tensorboard: bool = option(False, "write TensorBoard event files (rank 0) under RUN_DIR/tensorboard/",
+                               kind=bool)
     sample_log: str | None = option(None, "local folder to record the sample indices each rank trains on",
                                     kind=str, nullable=True)
+    preemption_notice: str | None = option(None, f"poll the cloud's preemption notice ({SOURCE_HELP}); a notice "
+                                           "commits a checkpoint at the next step boundary", kind=str,
+                                           nullable=True, check=check_source)
+    exit_on_notice: bool = option(False, "after the notice checkpoint stop with exit status 75 (resume me) "
+                                  "instead of training on", kind=bool)
+    notice_interval: float = option(5.0, "seconds between preemption-notice polls", kind=float, check=positive)

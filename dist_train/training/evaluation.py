@@ -1,35 +1,48 @@
-"""Loss, accuracy and a confusion matrix over a whole split, exact across ranks.
+"""Loss and metrics over a whole split, exact across ranks; a confusion matrix for classes.
 
 Each rank evaluates its shard with the unwrapped model (no DDP collectives per
-batch, so uneven shards are fine); the sums and the confusion matrix are then
-all-reduced, so the numbers are the true global ones, not rank 0's shard.
+batch, so uneven shards are fine); the sums (and the confusion matrix, for tasks
+with classes) are then all-reduced, so the numbers are the true global ones, not
+rank 0's shard.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from dist_train.data.loader import eval_loader
+from dist_train.data.loader import eval_loader, to_device
 from dist_train.distributed.env import DistEnv
+from dist_train.training.metrics import MetricSums
+from dist_train.training.tasks import Task
 
 
 @dataclass
 class EvalResult:
     loss: float
-    accuracy: float
     count: int
-    confusion: torch.Tensor  # [true class, predicted class] counts
+    metrics: dict[str, float] = field(default_factory=dict)  # task metrics (summarized), without loss/count
+    confusion: torch.Tensor | None = None  # [true class, predicted class] counts, for tasks with classes
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.metrics.get("accuracy")
 
     @property
     def per_class_accuracy(self) -> list[float | None]:
+        if self.confusion is None:
+            return []
         totals = self.confusion.sum(dim=1)
         return [float(self.confusion[i, i] / totals[i]) if totals[i] > 0 else None for i in range(len(totals))]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, **self.metrics}
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -39,30 +52,34 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(env: DistEnv, model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int,
-             num_workers: int = 0, amp: bool = False) -> EvalResult:
+def evaluate(env: DistEnv, model: nn.Module, dataset: Dataset, task: Task, batch_size: int,
+             num_classes: int | None = None, num_workers: int = 0, amp: bool = False) -> EvalResult:
     was_training = model.training
     model.eval()
     device = env.device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    sums = MetricSums(device)
+    classes = num_classes if num_classes and task.has_classes else None
+    confusion = torch.zeros((classes or 0) ** 2, dtype=torch.float64, device=device)
     loader = eval_loader(dataset, batch_size, env.world_size, env.rank, num_workers, device.type == "cuda")
-    for inputs, labels in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        labels = torch.as_tensor(labels).to(device, non_blocking=True)
+    for inputs, targets in loader:
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
         with autocast(device, amp):
-            logits = model(inputs)
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        sums[1] += labels.numel()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1),
-                                    minlength=num_classes * num_classes).double()
+            outputs = model(inputs)
+        losses, metrics = task.score(outputs, targets)
+        sums.add(losses, metrics, torch.ones_like(losses, dtype=torch.float32))
+        if classes:
+            labels = torch.as_tensor(targets, device=device)
+            confusion += torch.bincount(labels * classes + task.predicted_class(outputs),
+                                        minlength=classes * classes).double()
     model.train(was_training)
-    reduced = torch.cat([sums, confusion]).to(env.collective_device)
-    if env.distributed:
-        torch.distributed.all_reduce(reduced)
-    loss_sum, count = reduced[0].item(), int(reduced[1].item())
-    matrix = reduced[2:].view(num_classes, num_classes).cpu().long()
-    correct = int(matrix.diag().sum())
-    if count == 0:
-        return EvalResult(float("nan"), float("nan"), 0, matrix)
-    return EvalResult(loss_sum / count, correct / count, count, matrix)
+    means = sums.reduce(env, agree_names=True)
+    matrix = None
+    if classes:
+        reduced = confusion.to(env.collective_device)
+        if env.distributed:
+            torch.distributed.all_reduce(reduced)
+        matrix = reduced.view(classes, classes).cpu().long()
+    loss, count = means.pop("loss"), int(means.pop("count"))
+    metrics = task.summarize({"loss": loss, **means}) if count else {}
+    metrics.pop("loss", None)
+    return EvalResult(loss if count else math.nan, count, metrics, matrix)

@@ -1,43 +1,68 @@
-"""Assembling a training job from its config: storage, data, model, resume, then the loop.
+"""A training job in four stages: build it, claim the run dir, run it, report how it ended.
 
 The order matters for the promises of the CLI: everything that can be the user's
-fault (storage, data, a checkpoint that does not fit) is checked on every rank
-before anything is written to the run dir.
+fault (their module, storage, data, a checkpoint that does not fit) is checked on
+every rank while building, before anything is written to the run dir; the run dir is
+claimed (attempt generation, config.yaml) only then.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_train.checkpoint.fencing import AttemptRegistry, new_writer_id
-from dist_train.checkpoint.manager import Checkpointer
-from dist_train.checkpoint.retention import RetentionPolicy
-from dist_train.checkpoint.state import Payload
-from dist_train.checkpoint.storage import Storage
-from dist_train.checkpoint.writer import CheckpointWriter, clean_stale
+from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.config.job import JobConfig, dump_yaml
-from dist_train.data.datasets import build_datasets
 from dist_train.data.loader import IndexedDataset
+from dist_train.data.registry import build_datasets
 from dist_train.data.sampler import ResumableDistributedSampler
+from dist_train.determinism import enable_deterministic_algorithms, seed_process
 from dist_train.distributed.env import DistEnv
-from dist_train.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_SUPERSEDED
-from dist_train.models.registry import ModelSpec, build_model
-from dist_train.resume.coordinator import choose_and_load
-from dist_train.resume.restore import restore_training_state
-from dist_train.training.determinism import enable_deterministic_algorithms, seed_process
-from dist_train.training.loop import Outcome, Progress, Trainer
+from dist_train.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_SUPERSEDED, UserError
+from dist_train.models.registry import ModelSpec, build_model, make_spec
+from dist_train.plugins import call_user, qualified_name
+from dist_train.training.callbacks import Callback, CallbackList
+from dist_train.training.loop import DataParts, ModelParts, OptimParts, Outcome, RunParts, Trainer
 from dist_train.training.metrics import MetricsLog
 from dist_train.training.optim import build_optimizer, build_scheduler
 from dist_train.training.preemption import PreemptionWatcher
+from dist_train.training.state import Progress, TrainerState, checkpoint_state
+from dist_train.training.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
 EXIT_CODES = {Outcome.FINISHED: EXIT_OK, Outcome.PREEMPTED: EXIT_PREEMPTED,
               Outcome.CHECKPOINT_FAILED: EXIT_FAILURE, Outcome.SUPERSEDED: EXIT_SUPERSEDED}
+
+
+@dataclass
+class UserCode:
+    """What a user's own script hands over through the Python API (None: use the config's names)."""
+    model: Callable[..., nn.Module] | None = None
+    dataset: Callable[..., Any] | None = None
+    task: str | Task | Callable | None = None
+    extras: Callable[[nn.Module], dict[str, Any]] | dict[str, Any] | None = None
+    callbacks: Iterable[Callback] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    env: DistEnv
+    model: ModelParts
+    optim: OptimParts
+    data: DataParts
+    checkpoints: CheckpointManager
+    progress: Progress
+    extras: dict[str, Any]
+    callbacks: CallbackList
+    resumed: bool
 
 
 def total_steps(cfg: JobConfig, train_len: int, world_size: int) -> int:
@@ -46,72 +71,156 @@ def total_steps(cfg: JobConfig, train_len: int, world_size: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def run_training(cfg: JobConfig, env: DistEnv) -> int:
+def run_training(cfg: JobConfig, env: DistEnv, code: UserCode | None = None) -> int:
     """The whole job on this rank; returns the process exit status."""
+    job = build(cfg, env, code or UserCode())
+    generation = claim(job)
+    outcome = run(job, generation)
+    return report(job, outcome)
+
+
+# -- build: nothing is written ----------------------------------------------------------------
+
+def _model_spec(cfg: JobConfig, code: UserCode, shape: dict[str, Any]) -> tuple[ModelSpec, Callable | None]:
+    if code.model is not None:
+        from dist_train.plugins import accepted_kwargs
+        return ModelSpec(qualified_name(code.model), dict(cfg.model.model_args),
+                         accepted_kwargs(code.model, shape)), code.model
+    builtin = {"dropout": cfg.model.dropout, "width": cfg.model.width}
+    if cfg.model.freeze_backbone:
+        builtin["freeze_backbone"] = True
+    spec = make_spec(cfg.model.model, cfg.model.model_args, builtin, shape)
+    if cfg.model.freeze_backbone and not spec.args.get("freeze_backbone"):
+        raise UserError(f"--freeze-backbone needs a model that has a backbone to freeze (a torchvision backbone "
+                        f"such as resnet18, or a factory taking freeze_backbone); {cfg.model.model} does not")
+    return spec, None
+
+
+def _instantiate(spec: ModelSpec, factory: Callable | None, pretrained: str | None) -> nn.Module:
+    if factory is None:
+        return build_model(spec, pretrained)
+    model = call_user(factory, spec.name, "model", **spec.args, **spec.shape)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {spec.name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _extras(code: UserCode, model: nn.Module) -> dict[str, Any]:
+    extras = code.extras(model) if callable(code.extras) else dict(code.extras or {})
+    if not isinstance(extras, dict):
+        raise UserError(f"extras must be a dict of name -> object with state_dict/load_state_dict, "
+                        f"got {type(extras).__name__}")
+    for name in extras:
+        if name in ("model", "optimizer", "trainer"):
+            raise UserError(f"extra state name {name!r} is taken by dist_train's own checkpoint entries")
+    return extras
+
+
+def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
+    """Everything the job needs, checked on every rank, then restored from the newest valid checkpoint."""
     if cfg.train.deterministic:
         enable_deterministic_algorithms()
-    storage = Storage(cfg.checkpoint.run_dir, cfg.checkpoint.storage_options)
-    env.on_every_rank(lambda: storage.check_reachable() if env.is_rank0 else None)
-    data = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed))
-    spec = ModelSpec(cfg.model.model, data.num_classes, data.in_channels, data.image_size, cfg.model.dropout,
-                     cfg.model.freeze_backbone, cfg.model.width)
+    checkpoints = CheckpointManager(cfg.checkpoint.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_checkpoint,
+                                    cfg.checkpoint.storage_options, keep_best=cfg.checkpoint.keep_best,
+                                    keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env)
+    task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
+    bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
+    spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))
+    if cfg.model.freeze_backbone and not cfg.model.pretrained_weights and env.is_rank0:
+        log.warning("--freeze-backbone without --pretrained-weights: the frozen base keeps its random "
+                    "initialisation and will not learn; only the new head trains")
     seed_process(cfg.train.seed, "init")  # identical initial weights for every rank and world size
-    model = env.on_every_rank(lambda: build_model(spec, cfg.model.pretrained_weights)).to(env.device)
+    model = env.on_every_rank(lambda: _instantiate(spec, factory, cfg.model.pretrained_weights)).to(env.device)
+    extras = env.on_every_rank(lambda: _extras(code, model))
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps(cfg, len(data.train), env.world_size))
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps(cfg, len(bundle.train), env.world_size))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and env.device.type == "cuda")
-    sampler = ResumableDistributedSampler(len(data.train), cfg.data.batch_size, env.world_size, env.rank,
+    sampler = ResumableDistributedSampler(len(bundle.train), cfg.data.batch_size, env.world_size, env.rank,
                                           cfg.train.seed)
     progress = Progress()
-
-    payload: Payload | None = choose_and_load(env, storage, cfg.checkpoint.resume, cfg.checkpoint.verify, spec,
-                                              cfg.checkpoint.storage_options)
-    if payload is not None:
-        progress = env.on_every_rank(lambda: restore_training_state(payload, model, optimizer, scheduler, scaler,
-                                                                sampler))
-
-    # Nothing was written before this point; from here on the run dir is ours.
-    writer_id = new_writer_id()
-    generation = 0
-    if env.is_rank0:
-        storage.makedirs("")
-        registry = AttemptRegistry(storage)
-        resumed_from = payload.manifest.get("generation") if payload else None
-        generation = registry.register(writer_id, str(resumed_from) if resumed_from is not None else None)
-        removed = clean_stale(storage, generation)
-        if removed:
-            log.info("removed %d leftover staging or partial folder(s) of earlier attempts", len(removed))
-        storage.write_bytes("config.yaml", dump_yaml(cfg).encode())
-        log.info("attempt %d on run dir %s", generation, storage.display_url)
-    generation = env.broadcast_object(generation)
-    registry = AttemptRegistry(storage) if env.is_rank0 else None
-    writer = CheckpointWriter(storage, generation, writer_id, registry) if env.is_rank0 else None
-    checkpointer = Checkpointer(env, storage, writer,
-                                RetentionPolicy(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best,
-                                                cfg.checkpoint.keep_every),
-                                cfg.checkpoint.async_checkpoint)
-    if payload is not None and cfg.checkpoint.resume == "auto":
-        checkpointer.mark_committed(progress.step)
-    metrics = MetricsLog(storage if env.is_rank0 else None)
-    if env.is_rank0 and payload is not None:
-        metrics.write({"event": "resume", "step": progress.step, "epoch": progress.epoch,
-                       "generation": generation, "from": payload.manifest.get("generation")})
-
-    ddp = model
+    parts = ModelParts(model, model, spec, task)
+    optim = OptimParts(optimizer, scheduler, scaler)
+    data = DataParts(bundle, sampler, IndexedDataset(bundle.train, cfg.train.seed, reseed_per_sample=cfg.data.augment))
+    job = Job(cfg, env, parts, optim, data, checkpoints, progress, extras, CallbackList(code.callbacks), False)
+    state = checkpoint_state(model, optimizer, TrainerState(progress, sampler, scheduler, scaler), extras)
+    step = checkpoints.restore(state, source=cfg.checkpoint.resume,
+                               check=lambda manifest: _model_mismatch(manifest, spec))
+    job.resumed = step is not None
+    if job.resumed and not checkpoints.restored_rng:
+        seed_process(cfg.train.seed, "elastic", env.world_size, env.rank, progress.epoch)
+        if env.is_rank0:
+            log.info("world size changed (%d -> %d): RNG streams re-derived; data order stays exact",
+                     (checkpoints.resumed_from or {}).get("world_size", 0), env.world_size)
     if env.distributed:
-        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    train_set = IndexedDataset(data.train, cfg.train.seed, reseed_per_sample=cfg.data.augment)
-    watcher = PreemptionWatcher(cfg.train.preempt_deadline).install()
+        parts.module = DistributedDataParallel(model, device_ids=[env.device.index]
+                                               if env.device.type == "cuda" else None)
+    return job
+
+
+def _model_mismatch(manifest: dict[str, Any], spec: ModelSpec) -> str | None:
+    """A readable reason why the checkpoint's model cannot be this run's model, or None."""
+    theirs = manifest.get("model") or {}
     try:
-        if payload is not None:
-            from dist_train.resume.restore import restore_rng
-            restore_rng(payload, env, cfg.train.seed, progress.epoch)
-        trainer = Trainer(env, cfg, ddp, model, optimizer, scheduler, scaler, data, sampler, train_set, spec,
-                          checkpointer, metrics, watcher, progress, generation)
-        outcome = trainer.fit()
+        saved = ModelSpec.from_dict(theirs)
+    except UserError:
+        return None  # no description: the strict state_dict load decides
+    common = set(saved.shape) & set(spec.shape)
+    if saved.name != spec.name or any(saved.shape[k] != spec.shape[k] for k in common):
+        return (f"checkpoint holds a {saved.describe()} model {saved.shape}, "
+                f"this run builds {spec.describe()} {spec.shape}")
+    return None
+
+
+# -- claim: from here on the run dir is ours --------------------------------------------------
+
+def claim(job: Job) -> int:
+    generation = job.checkpoints.claim(dump_yaml(job.cfg))
+    return generation
+
+
+# -- run -------------------------------------------------------------------------------------
+
+def run(job: Job, generation: int) -> Outcome:
+    cfg, env = job.cfg, job.env
+    storage = job.checkpoints.storage
+    metrics = MetricsLog(storage if env.is_rank0 else None)
+    resumed_step = job.progress.step if job.resumed else None
+    if env.is_rank0 and job.resumed:
+        metrics.write({"event": "resume", "step": job.progress.step, "epoch": job.progress.epoch,
+                       "generation": generation, "from": (job.checkpoints.resumed_from or {}).get("generation")})
+    tracker = None
+    if env.is_rank0 and cfg.train.tensorboard:
+        from dist_train.training.trackers import TensorBoardTracker
+        tracker = TensorBoardTracker(storage, resumed_step)
+    notice = _notice_watcher(cfg)
+    watcher = PreemptionWatcher(cfg.train.preempt_deadline).install()
+    run_parts = RunParts(job.checkpoints, metrics, watcher, job.progress, generation, job.callbacks, job.extras,
+                         tracker, notice)
+    trainer = Trainer(env, cfg, job.model, job.optim, job.data, run_parts)
+    if job.callbacks:
+        job.checkpoints.add_commit_listener(lambda committed: job.callbacks.call("on_save_checkpoint", committed.url))
+    try:
+        if notice is not None:
+            notice.start()
+        return trainer.fit()
     finally:
+        if notice is not None:
+            notice.stop()
         watcher.finished()
         watcher.uninstall()
+
+
+def _notice_watcher(cfg: JobConfig):
+    if not getattr(cfg.train, "preemption_notice", None):
+        return None
+    from dist_train.training.notice import NoticeWatcher
+    return NoticeWatcher.from_config(cfg.train)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def report(job: Job, outcome: Outcome) -> int:
+    progress, storage = job.progress, job.checkpoints.storage
     if outcome is Outcome.PREEMPTED:
         log.warning("preempted at step %d: checkpoint committed, exit status %d means resume me",
                     progress.step, EXIT_PREEMPTED)
@@ -127,4 +236,4 @@ def run_training(cfg: JobConfig, env: DistEnv) -> int:
     return EXIT_CODES[outcome]
 
 
-__all__ = ["run_training"]
+__all__ = ["UserCode", "run_training"]

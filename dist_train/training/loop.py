@@ -1,14 +1,15 @@
 """The training loop: epochs of optimizer steps, validation, and what happens at step boundaries.
 
 One optimizer step consumes `grad_accum` global chunks of the epoch's order. The
-loss is the *sum* over real samples divided by the global count of the step, times
-the world size (DDP averages gradients over ranks), so the gradient is the exact
-mean over the global batch however the samples fall on ranks; padding weighs zero.
+task gives per-sample losses; the step's loss is their *sum* over real samples
+divided by the global count of the step, times the world size (DDP averages
+gradients over ranks), so the gradient is the exact mean over the global batch
+however the samples fall on ranks; padding weighs zero.
 
-At every step boundary the ranks vote (one all-reduce of two flags, read at the next
-boundary so it overlaps a step of compute) whether a preemption was requested or the
-checkpointer must stop; checkpoints are taken at
-the boundaries `--checkpoint-every` names, at each epoch end, and at the end.
+At every step boundary the ranks vote (one all-reduce of a few flags, read at the
+next boundary so it overlaps a step of compute) whether a preemption was requested,
+a cloud preemption notice arrived, or the checkpointer must stop; checkpoints are
+taken at the boundaries `--checkpoint-every` names, at each epoch end, and at the end.
 """
 
 from __future__ import annotations
@@ -22,28 +23,28 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dist_train
-from dist_train.checkpoint.manager import Checkpointer
-from dist_train.checkpoint.state import Snapshot, SnapshotBuffers, to_cpu_tree
+from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.config.job import JobConfig
 from dist_train.data.datasets import DataBundle
-from dist_train.data.loader import IndexedDataset, train_loader
+from dist_train.data.loader import IndexedDataset, to_device, train_loader
 from dist_train.data.sampler import ResumableDistributedSampler
+from dist_train.determinism import seed_process
 from dist_train.distributed.env import DistEnv
 from dist_train.distributed.vote import BoundaryVote
 from dist_train.models.registry import ModelSpec
-from dist_train.training.determinism import seed_process
+from dist_train.training.callbacks import CallbackList
 from dist_train.training.evaluation import autocast, evaluate
-from dist_train.training.metrics import MetricsLog
-from dist_train.training.optim import scheduler_state
+from dist_train.training.metrics import MetricSums, MetricsLog
 from dist_train.training.preemption import PreemptionWatcher
+from dist_train.training.state import Progress, TrainerState, checkpoint_state
+from dist_train.training.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -56,62 +57,89 @@ class Outcome(enum.Enum):
 
 
 @dataclass
-class Progress:
-    """Counters that travel in checkpoints."""
-    step: int = 0
-    epoch: int = 0
-    samples_seen: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    last_val: dict[str, Any] = field(default_factory=dict)
+class ModelParts:
+    module: nn.Module  # what the step calls (DistributedDataParallel under torchrun)
+    raw: nn.Module     # the unwrapped model: what checkpoints, validation and inference use
+    spec: ModelSpec
+    task: Task
+
+
+@dataclass
+class OptimParts:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class DataParts:
+    bundle: DataBundle
+    sampler: ResumableDistributedSampler
+    train_set: IndexedDataset
+
+
+@dataclass
+class RunParts:
+    """Everything around the math: checkpoints, logs, signals, the user's hooks and extra state."""
+    checkpoints: CheckpointManager
+    metrics: MetricsLog
+    watcher: PreemptionWatcher
+    progress: Progress
+    generation: int
+    callbacks: CallbackList = field(default_factory=CallbackList)
+    extras: dict[str, Any] = field(default_factory=dict)
+    tracker: Any = None   # TensorBoardTracker or None
+    notice: Any = None    # NoticeWatcher or None
 
 
 class Trainer:
-    def __init__(self, env: DistEnv, cfg: JobConfig, model: nn.Module, raw_model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                 scaler: torch.amp.GradScaler, data: DataBundle, sampler: ResumableDistributedSampler,
-                 train_set: IndexedDataset, spec: ModelSpec, checkpointer: Checkpointer, metrics: MetricsLog,
-                 watcher: PreemptionWatcher, progress: Progress, generation: int):
+    def __init__(self, env: DistEnv, cfg: JobConfig, model: ModelParts, optim: OptimParts, data: DataParts,
+                 run: RunParts):
         self.env, self.cfg = env, cfg
-        self.model, self.raw_model = model, raw_model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.data, self.sampler, self.train_set, self.spec = data, sampler, train_set, spec
-        self.checkpointer, self.metrics, self.watcher = checkpointer, metrics, watcher
-        self.progress = progress
-        self.generation = generation
+        self.model, self.optim, self.data, self.run = model, optim, data, run
+        self.progress = run.progress
         self.amp = cfg.train.amp and env.device.type == "cuda"
-        self.buffers = SnapshotBuffers()
-        self._tally = torch.zeros(3, dtype=torch.float64, device=env.device)
+        self.sums = MetricSums(env.device)
         self._window_start = time.perf_counter()
         self._window_samples = 0
         self._bar = None
         self._sample_log = self._open_sample_log()
-        self._params = [p for p in raw_model.parameters() if p.requires_grad]
+        self._params = [p for p in model.raw.parameters() if p.requires_grad]
+        self._param_ptrs = {p.data_ptr() for p in model.raw.parameters()}
         self.vote = BoundaryVote(env)
+        self._noticed = False
+        run.callbacks.view = _view(self)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return checkpoint_state(self.model.raw, self.optim.optimizer,
+                                TrainerState(self.progress, self.data.sampler, self.optim.scheduler, self.optim.scaler),
+                                self.run.extras)
 
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> Outcome:
         cfg, progress = self.cfg, self.progress
-        log.info("training %s on %s: %d ranks x batch %d, epochs %d, from step %d (epoch %d, sample %d)",
-                 self.spec.name, cfg.data.dataset, self.env.world_size, cfg.data.batch_size, cfg.train.epochs,
-                 progress.step, progress.epoch, self.sampler.position)
+        log.info("training %s on %s (%s): %d ranks x batch %d, epochs %d, from step %d (epoch %d, sample %d)",
+                 self.model.spec.name, cfg.data.dataset, self.model.task.name, self.env.world_size,
+                 cfg.data.batch_size, cfg.train.epochs, progress.step, progress.epoch, self.data.sampler.position)
+        self.model.module.train()
+        self.run.callbacks.call("on_train_start")
         try:
             while progress.epoch < cfg.train.epochs and not self._steps_done():
-                if self.sampler.position == 0:
+                if self.data.sampler.position == 0:
                     seed_process(cfg.train.seed, "train", self.env.rank, progress.epoch)
                 outcome = self._train_epoch()
                 if outcome is not None:
                     return self._stop(outcome)
-                if self.sampler.epoch_done:
+                if self.data.sampler.epoch_done:
                     self._validate()
                     progress.epoch += 1
-                    self.sampler.set_epoch(progress.epoch)
+                    self.data.sampler.set_epoch(progress.epoch)
                     self._save("epoch_end")
                     outcome = self._boundary_outcome()
                     if outcome is not None:
                         return self._stop(outcome)
-            if self.sampler.position != 0 and not progress.last_val.get("step") == progress.step:
+            if self.data.sampler.position != 0 and not progress.last_val.get("step") == progress.step:
                 self._validate()
             self._save("final")
             return self._stop(Outcome.FINISHED)
@@ -126,20 +154,24 @@ class Trainer:
     def _stop(self, outcome: Outcome) -> Outcome:
         self.vote.settle()
         if outcome is Outcome.PREEMPTED:
+            self.run.callbacks.call("on_preemption")
             self._save("preempted")
-        ok = self.checkpointer.finish()
-        self.metrics.close()
-        flags = self.env.all_reduce_max([int(not ok), int(self.checkpointer.superseded is not None)])
+        ok = self.run.checkpoints.close()
+        self.run.metrics.close()
+        if self.run.tracker is not None:
+            self.run.tracker.close()
+        flags = self.env.all_reduce_max([int(not ok), int(self.run.checkpoints.superseded is not None)])
         if flags[1]:
-            return Outcome.SUPERSEDED
-        if outcome is Outcome.FINISHED and flags[0]:
-            return Outcome.CHECKPOINT_FAILED
+            outcome = Outcome.SUPERSEDED
+        elif outcome is Outcome.FINISHED and flags[0]:
+            outcome = Outcome.CHECKPOINT_FAILED
+        self.run.callbacks.call("on_train_end", outcome.value)
         return outcome
 
     def _train_epoch(self) -> Outcome | None:
         """Train to the end of the epoch; an Outcome when the job must stop early."""
-        sampler, progress = self.sampler, self.progress
-        loader = train_loader(self.train_set, sampler, self.cfg.data.num_workers,
+        sampler, progress = self.data.sampler, self.progress
+        loader = train_loader(self.data.train_set, sampler, self.cfg.data.num_workers,
                               self.env.device.type == "cuda", self.env.rank)
         batches = iter(loader)
         self._open_bar(len(sampler))
@@ -150,7 +182,7 @@ class Trainer:
                 if not micro:
                     return None
                 count = sum(sampler.chunk_size_at(sampler.position + i * sampler.chunk) for i in range(len(micro)))
-                self._optimizer_step(micro, count)
+                step_loss = self._optimizer_step(micro, count)
                 sampler.advance(len(micro))
                 progress.step += 1
                 progress.samples_seen += count
@@ -158,129 +190,143 @@ class Trainer:
                 self._record_samples(micro)
                 if self._bar is not None:
                     self._bar.update(len(micro))
+                if self.run.callbacks:
+                    self.run.callbacks.call("on_train_batch_end", {"loss": step_loss})
                 if progress.step % self.cfg.train.log_every == 0:
                     self._log_train()
                 outcome = self._boundary_outcome()
                 if outcome is not None:
                     return outcome
+                if self._steps_done():
+                    return None  # the end: validated, then saved once as "final" (never before validation)
                 every = self.cfg.checkpoint.checkpoint_every
                 if every and progress.step % every == 0 and not sampler.epoch_done:
                     self._save("interval")
-                if self._steps_done():
-                    return None
         finally:
             del batches
 
-    def _optimizer_step(self, micro: list, global_count: int) -> None:
+    def _optimizer_step(self, micro: list, global_count: int) -> float:
+        """One optimizer step over the micro-batches; this rank's summed loss of the step (a float only
+        when callbacks want it, else NaN: reading it would synchronise with the device)."""
         world = self.env.world_size
         device = self.env.device
-        for i, (inputs, labels, indices) in enumerate(micro):
-            inputs = inputs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+        module, task, scaler = self.model.module, self.model.task, self.optim.scaler
+        local_loss = torch.zeros((), device=device)
+        for i, (inputs, targets, indices) in enumerate(micro):
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
             weight = (indices >= 0).to(device=device, dtype=torch.float32)
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if (last or not self.env.distributed) else self.model.no_sync()
+            sync = contextlib.nullcontext() if (last or not self.env.distributed) else module.no_sync()
             with sync:
                 with autocast(device, self.amp):
-                    logits = self.model(inputs)
-                losses = F.cross_entropy(logits.float(), labels, reduction="none") * weight
-                self.scaler.scale(losses.sum() * (world / global_count)).backward()
-            with torch.no_grad():
-                correct = ((logits.argmax(dim=1) == labels).float() * weight).sum()
-                self._tally += torch.stack([losses.sum().double(), correct.double(), weight.sum().double()])
-        self.checkpointer.wait_snapshot()  # an async save may still be copying the weights
+                    outputs = module(inputs)
+                losses, metrics = task.score(outputs, targets)
+                weighted = (losses.float() * weight).sum()
+                scaler.scale(weighted * (world / global_count)).backward()
+            self.sums.add(losses, metrics, weight)
+            local_loss += weighted.detach()
+        self.run.checkpoints.wait_snapshot()  # an async save may still be copying the weights
         if self.cfg.optim.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
+            scaler.unscale_(self.optim.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        scaler.step(self.optim.optimizer)
+        scaler.update()
+        self.optim.optimizer.zero_grad(set_to_none=True)
+        self.optim.scheduler.step()
+        return float(local_loss) / max(1, global_count) * world if self.run.callbacks else math.nan
 
     def _boundary_outcome(self) -> Outcome | None:
         """The one collective of a step boundary: do all ranks go on? (decided one boundary later)"""
-        agreed = self.vote.cast([int(self.watcher.requested), int(self.env.is_rank0 and self.checkpointer.must_stop)])
-        return self._decide(agreed)
-
-    def _decide(self, agreed: list[int] | None) -> Outcome | None:
+        notice = self.run.notice is not None and self.run.notice.seen
+        agreed = self.vote.cast([int(self.run.watcher.requested),
+                                 int(self.env.is_rank0 and self.run.checkpoints.must_stop), int(notice)])
         if agreed is None:
             return None
-        preempt, stop = agreed
+        preempt, stop, noticed = agreed
         if preempt:
             return Outcome.PREEMPTED
         if stop:
-            return Outcome.SUPERSEDED if self.checkpointer.superseded else Outcome.CHECKPOINT_FAILED
+            return Outcome.SUPERSEDED if self.run.checkpoints.superseded else Outcome.CHECKPOINT_FAILED
+        if noticed and not self._noticed:
+            self._noticed = True
+            if self.env.is_rank0:
+                log.warning("preemption notice%s: committing a checkpoint now",
+                            f" ({self.run.notice.describe()})" if self.run.notice is not None else "")
+            if getattr(self.cfg.train, "exit_on_notice", False):
+                return Outcome.PREEMPTED
+            self._save("notice")
         return None
 
     # -- validation, metrics, checkpoints ----------------------------------------------------
 
     def _validate(self) -> None:
-        result = evaluate(self.env, self.raw_model, self.data.val, self.data.num_classes,
-                          self.cfg.data.batch_size, self.cfg.data.num_workers, self.amp)
+        bundle = self.data.bundle
+        result = evaluate(self.env, self.model.raw, bundle.val, self.model.task, self.cfg.data.batch_size,
+                          None, self.cfg.data.num_workers, self.amp)
         progress = self.progress
-        progress.last_val = {"step": progress.step, "val_loss": result.loss, "val_accuracy": result.accuracy}
-        if progress.best_val_loss is None or result.loss < progress.best_val_loss:
+        progress.last_val = {"step": progress.step, "val_loss": result.loss,
+                             **{f"val_{k}": v for k, v in result.metrics.items()}}
+        if progress.best_val_loss is None or (math.isfinite(result.loss) and result.loss < progress.best_val_loss):
             progress.best_val_loss, progress.best_step = result.loss, progress.step
-        self._emit({"split": "val", "loss": result.loss, "accuracy": result.accuracy, "count": result.count,
+        self._emit({"split": "val", "loss": result.loss, **result.metrics, "count": result.count,
                     "best_val_loss": progress.best_val_loss, "best_step": progress.best_step})
-        log.info("epoch %d step %d: val loss %.4f accuracy %.4f (%d samples)%s", progress.epoch, progress.step,
-                 result.loss, result.accuracy, result.count,
-                 " (best)" if progress.best_step == progress.step else "")
+        if self.run.tracker is not None:
+            self.run.tracker.log(progress.step, result.as_dict(), "val")
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+        log.info("epoch %d step %d: val loss %.4f %s (%d samples)%s", progress.epoch, progress.step,
+                 result.loss, shown, result.count, " (best)" if progress.best_step == progress.step else "")
+        self.run.callbacks.call("on_validation_end", result.as_dict())
 
     def _log_train(self) -> None:
-        tally = self._tally.to(self.env.collective_device)
-        if self.env.distributed:
-            torch.distributed.all_reduce(tally)
-        loss_sum, correct, count = tally.tolist()
-        self._tally.zero_()
+        means = self.sums.reduce(self.env)
         elapsed = time.perf_counter() - self._window_start
         rate = self._window_samples / elapsed if elapsed > 0 else 0.0
         self._window_start, self._window_samples = time.perf_counter(), 0
+        count = means.pop("count")
         if count:
-            self._emit({"split": "train", "loss": loss_sum / count, "accuracy": correct / count,
-                        "count": int(count), "samples_per_sec": rate})
+            summary = self.model.task.summarize(means)
+            self._emit({"split": "train", **summary, "count": count, "samples_per_sec": rate})
+            if self.run.tracker is not None:
+                self.run.tracker.log(self.progress.step, {**summary, "lr": self._lr()}, "train")
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
+                self._bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()})
+
+    def _lr(self) -> float:
+        return self.optim.optimizer.param_groups[0]["lr"]
 
     def _emit(self, record: dict[str, Any]) -> None:
         if not self.env.is_rank0:
             return
         base = {"time": time.time(), "step": self.progress.step, "epoch": self.progress.epoch,
-                "lr": self.optimizer.param_groups[0]["lr"], "generation": self.generation}
+                "lr": self._lr(), "generation": self.run.generation}
         base.update(record)
         base.setdefault("samples_per_sec", None)
-        self.metrics.write(base)
+        self.run.metrics.write(base)
 
     def _save(self, reason: str) -> None:
-        self.metrics.flush()  # remote run dirs: the metrics so far go up with each checkpoint
-        self.checkpointer.save(self.progress.step, self._snapshot, reason)
-
-    def _snapshot(self, rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:
-        if copy:
-            # Parameters and optimizer state change only in the optimizer update, which waits for the
-            # snapshot (`wait_snapshot`): their copies run in the writer thread, during the next forward
-            # and backward pass. Buffers (BatchNorm statistics) change in the forward pass: copied now.
-            params = {p.data_ptr() for p in self.raw_model.parameters()}
-            model = self.buffers.copy_tree(self.raw_model.state_dict(), defer=lambda t: t.data_ptr() in params)
-            optimizer = self.buffers.copy_tree(self.optimizer.state_dict(), defer=lambda t: True)
-            fill = self.buffers.take_pending()
-        else:
-            model, optimizer, fill = to_cpu_tree(self.raw_model.state_dict()), \
-                to_cpu_tree(self.optimizer.state_dict()), None
+        self.run.metrics.flush()  # remote run dirs: the metrics so far go up with each checkpoint
+        if self.run.tracker is not None:
+            self.run.tracker.flush()
         progress = self.progress
-        sampler_state = self.sampler.state_dict()
-        trainer = {"scheduler": scheduler_state(self.scheduler), "scaler": self.scaler.state_dict(),
-                   "progress": asdict(progress), "sampler": sampler_state, "rng": rng_states}
         metrics = {"samples_seen": progress.samples_seen}
         if progress.last_val.get("step") == progress.step:
             metrics.update({k: v for k, v in progress.last_val.items() if k != "step"})
-        fields = {"epoch": progress.epoch, "world_size": self.env.world_size, "sampler": sampler_state,
-                  "metrics": metrics, "best": {"val_loss": progress.best_val_loss, "step": progress.best_step},
-                  "model": self.spec.as_dict(), "config": self.cfg.to_dict(), "config_hash": self.cfg.fingerprint(),
-                  "class_names": self.data.class_names, "data_info": self.data.info,
+        bundle = self.data.bundle
+        fields = {"sampler": self.data.sampler.state_dict(),
+                  "best": {"val_loss": progress.best_val_loss, "step": progress.best_step},
+                  "model": self.model.spec.as_dict(), "task": self.model.task.name,
+                  "config": self.cfg.to_dict(), "config_hash": self.cfg.fingerprint(),
+                  "class_names": bundle.class_names, "data_info": bundle.info,
                   "torch_version": torch.__version__, "dist_train_version": dist_train.__version__}
-        fields = _clean(fields)
-        return Snapshot(progress.step, model, optimizer, trainer, fields, fill)
+        # Parameters and optimizer state change only in the optimizer update, which waits for the
+        # snapshot (`wait_snapshot`): their copies may run in the writer thread during the next forward
+        # and backward pass. Buffers (BatchNorm statistics) change in the forward pass: copied now.
+        deferrable = set(self._param_ptrs)
+        for per_param in self.optim.optimizer.state.values():
+            deferrable.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+        self.run.checkpoints.save(progress.step, self.checkpoint_state(), epoch=progress.epoch, reason=reason,
+                                  metrics=_clean(metrics), fields=_clean(fields),
+                                  defer=lambda t: t.data_ptr() in deferrable)
 
     # -- progress bar and sample log ----------------------------------------------------------
 
@@ -300,7 +346,7 @@ class Trainer:
         if not folder:
             return None
         os.makedirs(folder, exist_ok=True)
-        return open(os.path.join(folder, f"rank{self.env.rank}-g{self.generation:04d}.jsonl"), "a",
+        return open(os.path.join(folder, f"rank{self.env.rank}-g{self.run.generation:04d}.jsonl"), "a",
                     encoding="utf-8")
 
     def _record_samples(self, micro: list) -> None:
@@ -310,6 +356,11 @@ class Trainer:
         self._sample_log.write(json.dumps({"epoch": self.progress.epoch, "step": self.progress.step,
                                            "world_size": self.env.world_size, "indices": indices}) + "\n")
         self._sample_log.flush()
+
+
+def _view(trainer: Trainer):
+    from dist_train.training.callbacks import TrainingView
+    return TrainingView(trainer)
 
 
 def _clean(tree: Any) -> Any:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.storage import Storage
@@ -22,23 +23,46 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 
 
-@dataclass
-class Tally:
-    """Summed loss, correct predictions and sample count: all-reduce the sums, then divide."""
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
+class MetricSums:
+    """Weighted per-sample loss and metric sums, kept on the device; one all-reduce gives global means.
 
-    def add(self, loss_sum: float, correct: float, count: float) -> None:
-        self.loss_sum += loss_sum
-        self.correct += correct
-        self.count += count
+    The metric names come from the task's first scores; ranks agree on them (every rank
+    runs the same task), and a rank that saw no sample takes rank 0's names.
+    """
 
-    def global_mean(self, env: DistEnv) -> tuple[float, float, int]:
-        loss_sum, correct, count = env.all_reduce_sum([self.loss_sum, self.correct, self.count])
-        if count == 0:
-            return math.nan, math.nan, 0
-        return loss_sum / count, correct / count, int(count)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+
+    def add(self, losses: torch.Tensor, metrics: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        if self.names is None:
+            self.names = sorted(metrics)
+            self.sums = torch.zeros(2 + len(self.names), dtype=torch.float64, device=self.device)
+        values = [(losses.detach().float() * weight).sum(), weight.sum()]
+        values += [(metrics[name].detach().float() * weight).sum() for name in self.names]
+        self.sums += torch.stack(values).double()
+
+    def reduce(self, env: DistEnv, agree_names: bool = False) -> dict[str, float]:
+        """Global means {"loss", "count", metric...} over all ranks (collective); resets the sums."""
+        if agree_names:
+            names = env.broadcast_object(self.names)
+            if self.names is None and names is not None:
+                self.names = names
+                self.sums = torch.zeros(2 + len(names), dtype=torch.float64, device=self.device)
+        if self.sums is None:
+            return {"loss": math.nan, "count": 0}
+        reduced = self.sums.to(env.collective_device)
+        if env.distributed:
+            torch.distributed.all_reduce(reduced)
+        values = reduced.tolist()
+        self.sums.zero_()
+        count = values[1]
+        if not count:
+            return {"loss": math.nan, "count": 0}
+        out = {"loss": values[0] / count, "count": int(count)}
+        out.update({name: value / count for name, value in zip(self.names or [], values[2:])})
+        return out
 
 
 class MetricsLog:
@@ -48,7 +72,7 @@ class MetricsLog:
         self._handle = None
         if storage is None:
             return
-        if storage.is_local:
+        if storage.appendable:
             storage.makedirs("")
             self._handle = open(storage.local_path(METRICS), "a", encoding="utf-8")
         else:

@@ -9,7 +9,7 @@ from conftest import call_cli
 from dist_train.checkpoint import catalog, s3 as s3_module
 from dist_train.checkpoint.catalog import CheckpointRef
 from dist_train.checkpoint.fencing import AttemptRegistry
-from dist_train.checkpoint.manager import Checkpointer
+from dist_train.checkpoint.saver import Checkpointer
 from dist_train.checkpoint.retention import RetentionPolicy, plan
 from dist_train.checkpoint.serialization import tensor_file
 from dist_train.checkpoint.state import Snapshot
@@ -97,6 +97,30 @@ def test_retention_plan_keeps_last_best_and_every():
     assert CheckpointRef(2, 15, "x") not in plan(newer_attempt, RetentionPolicy(keep_last=1), lambda r: None)
 
 
+def test_each_retention_rule_works_on_its_own():
+    refs = [CheckpointRef(1, s, f"ckpt-g0001-s{s:010d}") for s in (10, 20, 30, 40, 50, 60, 65)]
+    losses = {10: 0.9, 20: 0.2, 30: 0.5, 40: 0.3, 50: 0.8, 60: 0.7, 65: None}  # 65: mid-epoch, no validation
+
+    def kept(policy: RetentionPolicy) -> list[int]:
+        doomed = plan(refs, policy, lambda r: losses[r.step])
+        return [r.step for r in refs if r not in doomed]
+
+    assert kept(RetentionPolicy(keep_best=2)) == [20, 40, 65]  # the K best plus the newest
+    assert kept(RetentionPolicy(keep_every=20)) == [20, 40, 60, 65]  # multiples of M plus the newest
+    assert kept(RetentionPolicy(keep_last=1)) == [65]
+    assert kept(RetentionPolicy()) == [10, 20, 30, 40, 50, 60, 65]  # no rule: keep everything
+
+
+def test_keep_best_alone_prunes_during_training(tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    storage.makedirs("")
+    ckpt = checkpointer(storage, False, RetentionPolicy(keep_best=1))
+    model = torch.nn.Linear(4, 4)
+    for step, loss in ((1, 0.5), (2, 0.1), (3, None), (4, 0.4)):
+        save(ckpt, step, model, loss)
+    assert [r.step for r in catalog.list_checkpoints(storage)] == [2, 4]
+
+
 def test_retention_during_training_keeps_the_newest(tmp_path):
     storage = Storage(str(tmp_path / "run"))
     storage.makedirs("")
@@ -126,7 +150,7 @@ def test_prune_cli_never_removes_the_newest_valid_checkpoint(tmp_path, capsys):
     assert catalog.newest_valid(storage).ref.step == 4
 
 
-def test_large_files_go_up_as_multipart_and_a_failed_upload_is_aborted(s3_bucket, monkeypatch):
+def test_large_files_go_up_as_multipart_and_a_failed_upload_is_aborted(s3_server, s3_bucket, monkeypatch):
     import boto3
     monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 6 * 2**20)
     monkeypatch.setattr(s3_module, "PART_SIZE", 5 * 2**20)

@@ -1,4 +1,4 @@
-"""The checkpoint store end to end: commits on local disk, memory:// and S3 (moto over HTTP),
+"""The checkpoint store end to end: commits on local disk, memory:// and S3 (moto and SeaweedFS over HTTP),
 verification that catches damage, retention, and the conditional commit under a race."""
 
 from __future__ import annotations
@@ -93,13 +93,15 @@ def test_memory_store_commits_and_verifies():
     assert verdict is not None and verdict.url == committed.url and verdict.valid
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_two_writers_racing_on_one_checkpoint_exactly_one_wins(backend, tmp_path, request):
-    if backend == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        url = f"s3://{bucket}/race"
-    else:
-        url = str(tmp_path / "race")
+def test_two_writers_racing_on_one_checkpoint_exactly_one_wins_locally(tmp_path):
+    _race(str(tmp_path / "race"))
+
+
+def test_two_writers_racing_on_one_checkpoint_exactly_one_wins_on_s3(s3_server, s3_bucket):
+    _race(f"s3://{s3_bucket}/race")
+
+
+def _race(url: str) -> None:
     barrier = threading.Barrier(2)
     outcomes: dict[str, object] = {}
 
@@ -126,7 +128,7 @@ def test_two_writers_racing_on_one_checkpoint_exactly_one_wins(backend, tmp_path
     assert catalog.inspect(storage, verdict.ref).valid
 
 
-def test_conditional_create_is_exclusive_on_s3(s3_bucket):
+def test_conditional_create_is_exclusive_on_s3(s3_server, s3_bucket):
     storage = Storage(f"s3://{s3_bucket}/cc")
     assert storage.create_exclusive("x/manifest.json", b"first") is True
     assert storage.create_exclusive("x/manifest.json", b"second") is False
@@ -144,7 +146,8 @@ def test_retention_keeps_the_newest_n_on_local_disk(tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_two_rank_training_to_s3_commits_verifiable_checkpoints_with_retention(s3_env, s3_bucket, capsys):
+def test_two_rank_training_to_s3_commits_verifiable_checkpoints_with_retention(s3_server, s3_env, s3_bucket,
+                                                                              capsys):
     url = f"s3://{s3_bucket}/jobs/digits"
     result = run_torchrun(2, ["train", "--run-dir", url, *TINY, "--max-steps", "24", "--checkpoint-every", "4",
                               "--keep-last", "3", "--async-checkpoint"], env=s3_env)

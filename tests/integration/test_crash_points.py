@@ -8,7 +8,7 @@ also halfway through the write). After each kill:
 - the listing never shows a staging folder, and never the partial checkpoint as valid;
 - the newest valid checkpoint is step 30 exactly when the commit point (local: the folder rename,
   S3: the manifest PUT) had completed, else step 20: retention never removed the newest valid one;
-- resume (`choose_and_load`, what `train --resume auto` runs) loads that same checkpoint.
+- resume (`CheckpointManager.find`, what `train --resume auto` loads) picks that same checkpoint.
 
 `ckpt prune` gets the same treatment. Finally `dist-train train --resume auto` runs on a killed run
 dir: it resumes from the newest committed checkpoint and removes the leftovers.
@@ -60,17 +60,11 @@ def _kill_points(ops: list[tuple[int, str, str]], local: bool) -> list[tuple[int
 def _state(url: str) -> tuple[list, object]:
     """(verdicts of the listing, the payload resume loads) for a run dir, inspected in this process."""
     from dist_train.checkpoint import catalog
+    from dist_train.checkpoint.manager import CheckpointManager
     from dist_train.checkpoint.storage import Storage
-    from dist_train.distributed.env import DistEnv
-    from dist_train.models.registry import ModelSpec
-    from dist_train.resume.coordinator import choose_and_load
 
-    storage = Storage(url)
-    verdicts = catalog.scan(storage)
-    newest = next((v for v in reversed(verdicts) if v.valid), None)
-    spec = ModelSpec.from_dict(newest.manifest["model"]) if newest else None
-    env = DistEnv(0, 1, 0, torch.device("cpu"), None)
-    payload = choose_and_load(env, storage, "auto", "sha256", spec, {}) if spec else None
+    verdicts = catalog.scan(Storage(url))
+    payload = CheckpointManager(url).find()  # what `train --resume auto` would load
     return verdicts, payload
 
 

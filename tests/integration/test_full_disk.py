@@ -65,16 +65,9 @@ def _checkpoint_bytes(run_dir: Path, step: int) -> int:
 
 
 def _resumes_from(run_dir: Path) -> int:
-    from dist_train.checkpoint.storage import Storage
-    from dist_train.distributed.env import DistEnv
-    from dist_train.models.registry import ModelSpec
-    from dist_train.checkpoint import catalog
-    from dist_train.resume.coordinator import choose_and_load
+    from dist_train.checkpoint.manager import CheckpointManager
 
-    storage = Storage(str(run_dir))
-    newest = catalog.newest_valid(storage)
-    payload = choose_and_load(DistEnv(0, 1, 0, torch.device("cpu"), None), storage, "auto", "sha256",
-                              ModelSpec.from_dict(newest.manifest["model"]), {})
+    payload = CheckpointManager(str(run_dir)).find()  # what `train --resume auto` would load
     return payload.manifest["step"]
 
 

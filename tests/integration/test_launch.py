@@ -118,6 +118,18 @@ def test_launch_scripts_are_valid_bash(script):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.timeout(90)
+def test_help_into_a_closed_pipe_exits_quietly():
+    """`dist-train launch --help | head -1`: the reader left; no BrokenPipeError traceback, no 'Exception
+    ignored' at exit, status 141 (what a shell reports for a Unix tool stopped by SIGPIPE)."""
+    proc = subprocess.Popen([PYTHON, "-m", "dist_train", "launch", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=base_env(), cwd=REPO)
+    proc.stdout.close()  # the reading end is gone before anything was written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=80) == 141, err
+    assert err == ""
+
+
 def launch_cmd(options: list[str], train: list[str]) -> list[str]:
     return ["launch", *options, "--", "train", *train]
 

@@ -22,7 +22,7 @@ import pytest
 from conftest import (PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
                       wait_for)
 from dist_train.data.config import DataConfig
-from dist_train.data.datasets import build_datasets
+from dist_train.data.registry import build_datasets
 from dist_train.errors import EXIT_BAD_INPUT
 
 # Dropout makes RNG state matter; width makes a save take long enough to be interrupted.

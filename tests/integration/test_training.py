@@ -13,7 +13,7 @@ from conftest import manifests, run_torchrun
 from dist_train.checkpoint.state import read_payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DataConfig
-from dist_train.data.datasets import build_datasets
+from dist_train.data.registry import build_datasets
 from dist_train.models.registry import ModelSpec, build_model
 
 

@@ -13,7 +13,7 @@ from conftest import TINY, manifests, run_cli
 from dist_train.checkpoint.state import read_payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DataConfig
-from dist_train.data.datasets import build_datasets
+from dist_train.data.registry import build_datasets
 from dist_train.training.config import OptimConfig
 from dist_train.training.optim import ScheduleFactor
 

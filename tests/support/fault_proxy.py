@@ -6,7 +6,8 @@ an RST) before or after forwarding the request, or stalls longer than the client
 read timeout. `drop_conditional_puts = N` makes the next N `PUT`s carrying
 `If-None-Match` (whose path contains `drop_path_contains`) reach moto (the object is
 created) and then resets the connection instead of answering: the write happened,
-the client saw a reset.
+the client saw a reset. `strip_headers = {"if-none-match"}` forwards requests without those
+headers: moto then behaves like a server that ignores conditional writes.
 
 Point a client at it with `AWS_ENDPOINT_URL=proxy.url`. Faults are drawn from a
 seeded random generator, so a failing run can be replayed.
@@ -48,6 +49,7 @@ class FaultProxy:
         self.stall_seconds = stall_seconds
         self.drop_conditional_puts = 0
         self.drop_path_contains = ""
+        self.strip_headers: set[str] = set()  # lower-case names of request headers not forwarded
         self.counts: collections.Counter = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault or "ok")
         self._rng = random.Random(seed)
@@ -175,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():
-                if name.lower() not in _HOP_BY_HOP:
+                if name.lower() not in _HOP_BY_HOP and name.lower() not in proxy.strip_headers:
                     conn.putheader(name, value)
             if body or self.command in ("PUT", "POST"):
                 conn.putheader("Content-Length", str(len(body)))

@@ -72,7 +72,7 @@ def install_hooks() -> None:
     original_write = storage_mod.Storage.write
 
     def write(self, rel, chunks, size):
-        if not (kill_mid and self.is_local):
+        if not (kill_mid and isinstance(self, storage_mod.LocalStorage)):
             return original_write(self, rel, chunks, size)
 
         def watched():

@@ -10,7 +10,7 @@ import torch
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.serialization import FormatError, load_tensors, load_tree, tensor_file, tree_file
-from dist_train.training.determinism import capture_rng_state
+from dist_train.determinism import capture_rng_state
 
 
 def file_bytes(tf) -> bytes:

@@ -57,6 +57,7 @@ def test_yaml_scientific_notation_and_null_are_understood(tmp_path):
     (["--storage-options", "[1, 2]"], ["storage_options", "JSON object"]),
     (["--dataset", "mnist"], ["mnist", "--data-root"]),
     (["--dataset", "mnist", "--data-root", "/nonexistent/mnist"], ["data root not found", "--download"]),
+    (["--dataset", "image_folder", "--data-root", "/nonexistent/images"], ["data root not found", "class folders"]),
     (["--freeze-backbone"], ["--freeze-backbone", "backbone"]),
 ])
 def test_bad_values_name_the_key_and_what_it_accepts(argv, words):
@@ -66,6 +67,24 @@ def test_bad_values_name_the_key_and_what_it_accepts(argv, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_image_folder_errors_never_suggest_download():
+    """--download fetches torchvision's data sets only; it cannot make an image folder appear."""
+    for extra in ([], ["--download"]):
+        with pytest.raises(UserError) as err:
+            parse(["--dataset", "image_folder", "--data-root", "/nonexistent/images", *extra])
+        assert "data root not found" in str(err.value) and "--download" not in str(err.value)
+
+
+def test_help_shows_every_default():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train.format_help().split())
+    for shown in ("(default: 10)", "(default: adam)", "(default: 0.001)", "(default: runs/default)",
+                  "(default: {})", "(default: false)", "(default: true)", "(default: not set)"):
+        assert shown in text
+    epochs = text.rsplit("--epochs EPOCHS", 1)[1].split("--max-steps MAX_STEPS", 1)[0]  # its entry, not the usage line
+    assert epochs.endswith("(default: 10) ")
 
 
 def test_unknown_flag_is_a_user_error():
@@ -85,6 +104,13 @@ def test_bad_yaml_files(tmp_path):
     unknown.write_text("learning_rate: 0.1\n")
     with pytest.raises(UserError, match="unknown key 'learning_rate'"):
         parse(["--config", str(unknown)])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("epoch: 3\n")
+    with pytest.raises(UserError, match=r"unknown key 'epoch' in config file .*; did you mean 'epochs'\?$"):
+        parse(["--config", str(typo)])
+    typo.write_text("optim:\n  batch-sise: 3\n")
+    with pytest.raises(UserError, match=r"unknown key 'batch-sise' .*; did you mean 'batch-size'\?$"):
+        parse(["--config", str(typo)])
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("just a string\n")
     with pytest.raises(UserError, match="mapping"):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dist_train.data.config import DataConfig
-from dist_train.data.datasets import build_datasets, split_indices
+from dist_train.data.datasets import split_indices
+from dist_train.data.registry import build_datasets
 from dist_train.errors import UserError
 from dist_train.models.registry import ModelSpec, build_model
 from dist_train.training.config import OptimConfig
@@ -59,17 +60,21 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 20
 
 
+def shaped(name: str, classes: int, channels: int, size: int, **args) -> ModelSpec:
+    return ModelSpec(name, args, {"num_classes": classes, "in_channels": channels, "image_size": size})
+
+
 @pytest.mark.parametrize("name, channels, size", [("cnn", 1, 8), ("cnn", 3, 32), ("mlp", 1, 8),
                                                   ("resnet18", 3, 32), ("mobilenet_v2", 1, 32)])
 def test_model_output_shapes(name, channels, size):
-    model = build_model(ModelSpec(name, 7, channels, size))
+    model = build_model(shaped(name, 7, channels, size))
     model.eval()
     assert model(torch.randn(2, channels, size, size)).shape == (2, 7)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_frozen_backbone_trains_only_the_new_head(name):
-    model = build_model(ModelSpec(name, 5, 3, 32, freeze_backbone=True))
+    model = build_model(shaped(name, 5, 3, 32, freeze_backbone=True))
     optimizer = build_optimizer(model, OptimConfig())
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     head = {id(p) for n, p in model.named_parameters() if n.startswith(f"net.{model.head_name}.")}
@@ -93,9 +98,9 @@ def test_pretrained_weights_load_from_a_local_state_dict(tmp_path):
     torch.save(stock.state_dict(), tmp_path / "r18.pt")
     save_file({k: v.contiguous() for k, v in stock.state_dict().items()}, tmp_path / "r18.safetensors")
     for path in ("r18.pt", "r18.safetensors"):
-        model = build_model(ModelSpec("resnet18", 3, 3, 32, freeze_backbone=True), str(tmp_path / path))
+        model = build_model(shaped("resnet18", 3, 3, 32, freeze_backbone=True), str(tmp_path / path))
         assert torch.equal(model.net.conv1.weight, stock.conv1.weight)
         assert model.net.fc.out_features == 3
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), tmp_path / "mnv2.pt")
     with pytest.raises(UserError, match="do not fit resnet18"):
-        build_model(ModelSpec("resnet18", 3, 3, 32), str(tmp_path / "mnv2.pt"))
+        build_model(shaped("resnet18", 3, 3, 32), str(tmp_path / "mnv2.pt"))

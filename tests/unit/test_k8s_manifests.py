@@ -6,16 +6,25 @@
   kustomizations use (resources, strategic-merge patches by kind/name, images) and
   refuses anything else, and patches must target objects, containers and volumes
   that exist.
-- The PyTorchJob (a custom resource) is checked for what the Kubeflow operator needs.
-- Every container's command line parses with the project's own CLI parser and the
-  config in the ConfigMap resolves; the podFailurePolicy's exit statuses are the
-  trainer's; the grace period covers the launcher's shutdown timeout.
+  When kubectl is installed, `kubectl kustomize` must render the same objects.
+- Custom resources: TrainJob, TrainingRuntime and JobSet validate against the
+  `kubeflow-trainer-api` models, strictly (a field the model drops on a round trip is
+  unknown to the API), and every Job template inside them against batch/v1 with
+  kubernetes-validate. The PyTorchJob (legacy) is checked for what the operator needs.
+- Every container's command line parses with the project's own CLI parser (with the
+  variables Trainer's torch plugin injects, `$(VAR)` expanded as the kubelet does) and
+  the config in the ConfigMap resolves; podFailurePolicy and the JobSet failurePolicy
+  act on the trainer's exit statuses; the grace period covers the launcher's shutdown
+  timeout, also when Kueue suspends a job.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -28,7 +37,14 @@ from dist_train.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 K8S = REPO / "k8s"
 KUBERNETES_VERSION = "1.33.0"
 KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}
-BUILDS = ("base", "overlays/cpu", "overlays/gpu", "pytorchjob")
+BUILDS = ("base", "overlays/cpu", "overlays/gpu", "pytorchjob", "trainjob", "jobset", "kueue")
+CUSTOM_KINDS = {"PyTorchJob", "TrainJob", "TrainingRuntime", "JobSet"}
+# Trainer's torch plugin (pkg/runtime/framework/plugins/torch): the trainer ancestor label, the
+# container it fills in, the variables it owns, the port of node 0.
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+TORCH_RESERVED_ENV = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+TRAINER_PORT = 29500
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 # --- a small kustomize --------------------------------------------------------------------------
@@ -98,12 +114,29 @@ def build(folder: Path) -> list[dict]:
     return objects
 
 
+def job_templates(objects: list[dict]) -> list[dict]:
+    """The batch/v1 JobTemplateSpecs inside JobSets and TrainingRuntimes."""
+    found = []
+    for obj in objects:
+        if obj["kind"] == "JobSet":
+            found += [r["template"] for r in obj["spec"]["replicatedJobs"]]
+        elif obj["kind"] == "TrainingRuntime":
+            found += [r["template"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+    return found
+
+
 def pod_specs(objects: list[dict]) -> list[dict]:
     specs = [obj["spec"]["template"]["spec"] for obj in objects if obj["kind"] == "Job"]
+    specs += [template["spec"]["template"]["spec"] for template in job_templates(objects)]
     for obj in objects:
         if obj["kind"] == "PyTorchJob":
             specs += [replica["template"]["spec"] for replica in obj["spec"]["pytorchReplicaSpecs"].values()]
     return specs
+
+
+def job_specs(objects: list[dict]) -> list[dict]:
+    """Every batch/v1 JobSpec: plain Jobs and those inside JobSets and TrainingRuntimes."""
+    return [o["spec"] for o in objects if o["kind"] == "Job"] + [t["spec"] for t in job_templates(objects)]
 
 
 def all_containers(objects: list[dict]) -> list[dict]:
@@ -133,6 +166,47 @@ def validate(doc: dict) -> str:
     pytest.fail(problem, pytrace=False)
 
 
+def validate_job_template(template: dict, owner: dict) -> None:
+    """A JobTemplateSpec, checked as the jobTemplate of a CronJob (the built-in kind that holds one)."""
+    validate({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": owner["metadata"]["name"]},
+              "spec": {"schedule": "@daily", "jobTemplate": template}})
+
+
+def custom_model(kind: str):
+    from kubeflow_trainer_api import models
+
+    return {"TrainJob": models.TrainerV1alpha1TrainJob, "TrainingRuntime": models.TrainerV1alpha1TrainingRuntime,
+            "JobSet": models.JobsetV1alpha2JobSet}[kind]
+
+
+def dropped(original, round_trip, where: str = "") -> list[str]:
+    """Fields of `original` that a model round trip lost or changed: unknown to the API."""
+    if isinstance(original, dict):
+        if not isinstance(round_trip, dict):
+            return [where or "."]
+        return [p for k, v in original.items()
+                for p in ([f"{where}.{k}"] if k not in round_trip else dropped(v, round_trip[k], f"{where}.{k}"))]
+    if isinstance(original, list):
+        if not isinstance(round_trip, list) or len(original) != len(round_trip):
+            return [where]
+        return [p for i, (a, b) in enumerate(zip(original, round_trip)) for p in dropped(a, b, f"{where}[{i}]")]
+    return [] if original == round_trip else [where]
+
+
+def validate_custom(doc: dict) -> None:
+    """The kubeflow-trainer-api model of the kind, strictly: wrong types fail, unknown fields too."""
+    from pydantic import ValidationError
+
+    try:
+        obj = custom_model(doc["kind"]).from_dict(doc)
+    except ValidationError as exc:
+        pytest.fail(f"{key(doc)}: {str(exc)[:400]}", pytrace=False)
+    unknown = dropped(doc, obj.to_dict())
+    assert not unknown, f"{key(doc)}: fields unknown to {doc['apiVersion']} {doc['kind']}: {unknown}"
+    for template in job_templates([doc]):
+        validate_job_template(template, doc)
+
+
 # --- structure and schema ------------------------------------------------------------------------
 
 def test_every_manifest_is_part_of_a_kustomization():
@@ -158,8 +232,8 @@ BUILTIN_FILES = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomizatio
 @pytest.mark.parametrize("path", BUILTIN_FILES, ids=lambda p: str(p.relative_to(K8S)))
 def test_files_validate_strictly(path):
     for doc in load_yaml(path):
-        if doc["kind"] == "PyTorchJob":
-            continue  # a custom resource: test_pytorchjob_has_what_the_operator_needs
+        if doc["kind"] in CUSTOM_KINDS:
+            continue  # custom resources (or patches of them): validated after the build below
         assert validate(doc) == "1.33"
 
 
@@ -171,8 +245,46 @@ def test_builds_validate_strictly(folder):
                 template = {"apiVersion": "v1", "kind": "PodTemplate",
                             "metadata": {"name": obj["metadata"]["name"]}, "template": replica["template"]}
                 validate(template)
+        elif obj["kind"] in CUSTOM_KINDS:
+            validate_custom(obj)
         else:
             validate(obj)
+
+
+def test_strict_custom_validation_catches_unknown_fields_and_types():
+    [runtime] = [o for o in build(K8S / "trainjob") if o["kind"] == "TrainingRuntime"]
+    typo = copy.deepcopy(runtime)
+    typo["spec"]["mlPolicy"]["numNode"] = 2
+    assert dropped(typo, custom_model("TrainingRuntime").from_dict(typo).to_dict()) == [".spec.mlPolicy.numNode"]
+    from pydantic import ValidationError
+
+    wrong = copy.deepcopy(only(build(K8S / "trainjob"), "TrainJob"))
+    wrong["spec"]["trainer"]["numNodes"] = "2"
+    with pytest.raises(ValidationError):
+        custom_model("TrainJob").from_dict(wrong)
+
+
+def canonical(value):
+    """Named-item lists in name order (kustomize puts patched env entries first; order does not matter)."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [canonical(v) for v in value]
+        if items and all(isinstance(i, dict) and "name" in i for i in items):
+            items.sort(key=lambda i: i["name"])
+        return items
+    return value
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("folder", BUILDS)
+def test_kubectl_kustomize_renders_the_same_objects(folder):
+    rendered = subprocess.run(["kubectl", "kustomize", str(K8S / folder)], capture_output=True, text=True,
+                              timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    theirs = {key(o): canonical(o) for o in yaml.safe_load_all(rendered.stdout) if o}
+    ours = {key(o): canonical(o) for o in build(K8S / folder)}
+    assert ours == theirs
 
 
 def test_pytorchjob_has_what_the_operator_needs():
@@ -198,6 +310,97 @@ def test_pytorchjob_has_what_the_operator_needs():
         assert ports["pytorchjob-port"] == elastic["rdzvPort"]
     assert set(spec["runPolicy"]) <= {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
                                       "backoffLimit", "schedulingPolicy", "suspend", "managedBy"}
+
+
+def trainer_node(runtime: dict) -> tuple[dict, dict]:
+    """The replicated Job Trainer treats as the trainer, and its `node` container."""
+    [rjob] = [r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+              if r["template"].get("metadata", {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"]
+    [node] = [c for c in rjob["template"]["spec"]["template"]["spec"]["containers"] if c["name"] == "node"]
+    return rjob, node
+
+
+def test_trainjob_and_runtime_have_what_kubeflow_trainer_needs():
+    objects = build(K8S / "trainjob")
+    train_job, runtime = only(objects, "TrainJob"), only(objects, "TrainingRuntime")
+    assert train_job["apiVersion"] == runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    name = train_job["metadata"]["name"]
+    # The JobSet is named after the TrainJob; pod host names <name>-node-0-<i> are DNS labels.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(f"{name}-node-0-99") <= 63
+    ref = train_job["spec"]["runtimeRef"]
+    assert ref == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": runtime["metadata"]["name"]}
+    policy = runtime["spec"]["mlPolicy"]
+    assert "torch" in policy and not {"mpi", "jax", "xgboost", "flux"} & set(policy)  # one policy only
+    rjob, node = trainer_node(runtime)
+    assert rjob["replicas"] == 1  # Trainer's webhook: always 1 (the nodes are the Job's pods)
+    # Without `trainer` the torch plugin injects no PET_* variables at all.
+    trainer = train_job["spec"]["trainer"]
+    assert trainer["numNodes"] >= 1 and isinstance(trainer.get("numProcPerNode", 1), int)
+    for env in (trainer.get("env", []), node.get("env", [])):
+        assert not TORCH_RESERVED_ENV & {e["name"] for e in env}  # the plugin owns these
+    assert not train_job["spec"].get("suspend")  # only the Kueue overlay starts it suspended
+
+
+def test_jobset_names_its_pods_for_the_rendezvous():
+    jobset = only(build(K8S / "jobset"), "JobSet")
+    network = jobset["spec"]["network"]
+    assert network["enableDNSHostnames"] is True and network.get("publishNotReadyAddresses", True) is True
+    [rjob] = jobset["spec"]["replicatedJobs"]
+    assert rjob.get("replicas", 1) == 1
+    spec = rjob["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+
+
+def failure_rules(job_spec: dict, container: str) -> tuple[dict[str, set[int]], set[tuple[str, str]]]:
+    by_action: dict[str, set[int]] = {}
+    conditions = set()
+    for rule in job_spec["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            codes = rule["onExitCodes"]
+            assert codes["operator"] == "In" and codes["containerName"] == container
+            by_action.setdefault(rule["action"], set()).update(codes["values"])
+        for condition in rule.get("onPodConditions", []):
+            conditions.add((rule["action"], condition["type"]))
+    return by_action, conditions
+
+
+@pytest.mark.parametrize("folder", ("trainjob", "jobset"))
+def test_jobset_failure_policy_fails_on_bad_input_and_retries_preemption(folder):
+    """Exit 2: podFailurePolicy FailJob (the Job fails with reason PodFailurePolicy), and the first
+    JobSet rule for that reason fails the JobSet. Exit 75: Ignore, the pod is replaced uncounted."""
+    objects = build(K8S / folder)
+    [obj] = [o for o in objects if o["kind"] in ("JobSet", "TrainingRuntime")]
+    jobset_spec = obj["spec"] if obj["kind"] == "JobSet" else obj["spec"]["template"]["spec"]
+    [job_spec] = job_specs(objects)
+    [container] = job_spec["template"]["spec"]["containers"]
+    by_action, _ = failure_rules(job_spec, container["name"])
+    assert by_action["FailJob"] == {EXIT_BAD_INPUT} and by_action["Ignore"] == {EXIT_PREEMPTED}
+    policy = jobset_spec["failurePolicy"]
+    assert policy["maxRestarts"] >= 1  # other failures restart the group, which resumes
+    rules = policy["rules"]
+    assert all(re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", r["name"]) for r in rules)
+    first = next(r for r in rules if not r.get("onJobFailureReasons") or "PodFailurePolicy" in r["onJobFailureReasons"])
+    assert first["action"] == "FailJobSet" and not first.get("onJobFailureMessagePatterns")
+
+
+def test_kueue_overlay_queues_the_trainjob_and_changes_nothing_else(tmp_path):
+    from dist_train.launcher import shutdown_timeout
+
+    queued, plain = build(K8S / "kueue"), build(K8S / "trainjob")
+    train_job = only(queued, "TrainJob")
+    queue = train_job["metadata"]["labels"][KUEUE_QUEUE_LABEL]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", queue)  # a LocalQueue name
+    assert train_job["spec"]["suspend"] is True  # created suspended: Kueue unsuspends on admission
+    without = copy.deepcopy(train_job)
+    del without["metadata"]["labels"][KUEUE_QUEUE_LABEL], without["spec"]["suspend"]
+    assert sorted(map(key, queued)) == sorted(map(key, plain))
+    assert [without if key(o) == key(train_job) else o for o in queued] == plain
+    # Kueue preempts by suspending: the pods get SIGTERM and must have time to commit a checkpoint
+    # (the grace period against the resolved config: test_trainjob_command_parses_with_the_torch_plugin_env).
+    config, _ = train_config(queued, tmp_path)
+    deadline = yaml.safe_load(config.read_text())["preempt_deadline"]
+    [pod] = pod_specs(queued)
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_timeout(deadline) + 10 > deadline
 
 
 # --- the manifests against the code -------------------------------------------------------------
@@ -232,6 +435,20 @@ def operator_env(job: dict) -> dict[str, str]:
             "PET_MAX_RESTARTS": str(elastic["maxRestarts"]), "PET_NPROC_PER_NODE": spec["nprocPerNode"]}
 
 
+def expand(arg: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion in command and args: defined variables only, $$ escapes."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), arg)
+
+
+def torch_plugin_env(train_job: dict, node_rank: str) -> dict[str, str]:
+    """What Trainer's torch plugin sets in the `node` container (EnforceMLPolicy)."""
+    name, trainer = train_job["metadata"]["name"], train_job["spec"]["trainer"]
+    return {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+            "PET_NODE_RANK": node_rank, "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+            "PET_MASTER_PORT": str(TRAINER_PORT)}
+
+
 def parse_container(container: dict, env: dict[str, str], config: tuple[Path, str], monkeypatch):
     """Parse the container's command line as `dist-train` would; returns (torchrun args, job config)."""
     from dist_train.cli import launch as launch_cli
@@ -242,7 +459,7 @@ def parse_container(container: dict, env: dict[str, str], config: tuple[Path, st
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    argv = list(container.get("command", [])) + list(container.get("args", []))
+    argv = [expand(a, env) for a in list(container.get("command", [])) + list(container.get("args", []))]
     if argv[:2] == ["tini", "--"]:
         argv = argv[2:]
     assert argv[0] == "dist-train", argv
@@ -300,21 +517,59 @@ def test_pytorchjob_command_parses(tmp_path, monkeypatch):
         assert grace >= shutdown_timeout(cfg.train.preempt_deadline) + 10
 
 
-def test_pod_failure_policy_uses_the_trainers_exit_statuses():
-    job = only(build(K8S / "base"), "Job")
-    spec = job["spec"]
+@pytest.mark.parametrize("folder", ("trainjob", "kueue"))
+def test_trainjob_command_parses_with_the_torch_plugin_env(folder, tmp_path, monkeypatch):
+    from dist_train.launcher import shutdown_timeout
+
+    objects = build(K8S / folder)
+    train_job = only(objects, "TrainJob")
+    _, node = trainer_node(only(objects, "TrainingRuntime"))
+    config = train_config(objects, tmp_path)
+    name = train_job["metadata"]["name"]
+    for node_rank in ("0", "1"):
+        env = {**container_env(node, node_rank), **torch_plugin_env(train_job, node_rank)}
+        torchrun, cfg = parse_container(node, env, config, monkeypatch)
+        assert torchrun.node_rank == int(node_rank)
+    assert torchrun.rdzv_backend == "c10d" and torchrun.rdzv_endpoint == f"{name}-node-0-0.{name}:{TRAINER_PORT}"
+    assert torchrun.nnodes == str(train_job["spec"]["trainer"]["numNodes"])
+    assert torchrun.nproc_per_node == str(train_job["spec"]["trainer"]["numProcPerNode"])
+    assert torchrun.max_restarts >= 1
+    assert cfg.checkpoint.run_dir.startswith("s3://") and cfg.checkpoint.resume == "auto"
+    [pod] = pod_specs(objects)
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_timeout(cfg.train.preempt_deadline) + 10
+
+
+def test_jobset_command_parses_and_matches_the_jobset(tmp_path, monkeypatch):
+    from dist_train.launcher import shutdown_timeout
+
+    objects = build(K8S / "jobset")
+    jobset = only(objects, "JobSet")
+    [rjob] = jobset["spec"]["replicatedJobs"]
+    spec = rjob["template"]["spec"]
+    pod = spec["template"]["spec"]
+    [trainer] = pod["containers"]
+    config = train_config(objects, tmp_path)
+    for node_rank in ("0", "1"):
+        torchrun, cfg = parse_container(trainer, container_env(trainer, node_rank), config, monkeypatch)
+        assert torchrun.node_rank == int(node_rank)
+    assert torchrun.nnodes == str(spec["completions"]) and torchrun.rdzv_backend == "c10d"
+    host, port = torchrun.rdzv_endpoint.rsplit(":", 1)
+    name = jobset["metadata"]["name"]
+    subdomain = jobset["spec"]["network"].get("subdomain", name)
+    assert host == f"{name}-{rjob['name']}-0-0.{subdomain}"  # JobSet's host name of pod 0
+    assert int(port) == {p["name"]: p["containerPort"] for p in trainer["ports"]}["rdzv"]
+    assert torchrun.max_restarts >= 1
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_timeout(cfg.train.preempt_deadline) + 10
+
+
+@pytest.mark.parametrize("folder", ("base", "jobset", "trainjob"))
+def test_pod_failure_policy_uses_the_trainers_exit_statuses(folder):
+    [spec] = job_specs(build(K8S / folder))
     [trainer] = spec["template"]["spec"]["containers"]
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    assert spec["podReplacementPolicy"] == "Failed"  # the only value allowed with podFailurePolicy
     assert spec.get("backoffLimit") is not None or spec.get("backoffLimitPerIndex") is not None
-    by_action: dict[str, set[int]] = {}
-    conditions = set()
-    for rule in spec["podFailurePolicy"]["rules"]:
-        if "onExitCodes" in rule:
-            codes = rule["onExitCodes"]
-            assert codes["operator"] == "In" and codes["containerName"] == trainer["name"]
-            by_action.setdefault(rule["action"], set()).update(codes["values"])
-        for condition in rule.get("onPodConditions", []):
-            conditions.add((rule["action"], condition["type"]))
+    by_action, conditions = failure_rules(spec, trainer["name"])
     assert by_action == {"FailJob": {EXIT_BAD_INPUT}, "Ignore": {EXIT_PREEMPTED}}
     assert ("Ignore", "DisruptionTarget") in conditions
 

@@ -40,7 +40,7 @@ def main() -> None:
         sys.path.insert(0, args.repo)
     from dist_train.data.datasets import SyntheticImages
     from dist_train.models.registry import ModelSpec, build_model
-    from dist_train.training.determinism import seed_process
+    from dist_train.determinism import seed_process
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -1,0 +1,81 @@
+"""The Python API: a user's own script hands dist_train its model, data, task, extra state and hooks.
+
+```python
+import dist_train
+
+def build_model(in_features: int): ...          # gets what the data set reports, if it asks
+def make_dataset(split: str): ...               # "train", "val" (and "test")
+
+if __name__ == "__main__":
+    dist_train.main(model=build_model, dataset=make_dataset, task="regression",
+                    extras=lambda model: {"ema": EMA(model)}, callbacks=[PrintLoss()])
+```
+
+The script takes the same flags as `dist-train train` (`--run-dir s3://...`, `--epochs`, ...)
+and runs the same way, one process or `torchrun --nproc-per-node 2 my_train.py ...`.
+Everything the CLI promises holds: atomic checkpoints, exact resume, preemption, exit statuses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+from dist_train.errors import EXIT_BAD_INPUT, UserError, exit_now
+
+
+def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] | None = None,
+          task: Any = None, extras: Callable[[Any], dict] | dict | None = None,
+          callbacks: Iterable[Any] = (), argv: Sequence[str] | None = None) -> int:
+    """Run one training job with these callables; flags from `argv` (default: the command line).
+
+    - `model(**model_args, **shape)` returns an `nn.Module` (shape: whichever of `num_classes`,
+      `in_channels`, `image_size` it accepts and the data set reports); None: `--model`.
+    - `dataset(split, **dataset_args)` returns a map-style Dataset of (input, target); None: `--dataset`.
+    - `task`: "classification", "regression", "language_model", a `Task`, or `fn(outputs, targets)`
+      returning per-sample losses (and optionally a dict of per-sample metrics); None: `--task`.
+    - `extras`: {name: object with state_dict()/load_state_dict()}, or a function of the built model
+      returning one (an EMA copy); saved in every checkpoint and restored on resume.
+    - `callbacks`: `dist_train.Callback` instances.
+
+    Returns the exit status (0 finished, 2 bad input, 75 preempted: see the README).
+    """
+    from dist_train.cli.parsing import Parser
+    from dist_train.config.job import add_config_arguments, dump_yaml, resolve
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train"
+    try:
+        parser = Parser(prog=prog, description="A dist_train training job (flags as for `dist-train train`).")
+        add_config_arguments(parser)
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        cfg = resolve(args)
+        from dist_train.checkpoint.storage import check_url_scheme
+        check_url_scheme(cfg.checkpoint.run_dir)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from dist_train.distributed.env import configure_logging, distributed
+        from dist_train.training.job import UserCode, run_training
+
+        code = UserCode(model, dataset, task, extras, list(callbacks))
+        with distributed(cfg.train.device) as env:
+            configure_logging(env)
+            return run_training(cfg, env, code)
+    except UserError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def main(*args: Any, **kwargs: Any) -> None:
+    """`train(...)`, then leave the process with its exit status.
+
+    Under torchrun the worker leaves with `os._exit` once its output is flushed and its
+    process group is torn down (C++ destructors at interpreter exit can otherwise abort
+    now and then, turning a meaningful status such as 75 into a crash).
+    """
+    status = train(*args, **kwargs)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        exit_now(status)
+    sys.exit(status)

@@ -1,0 +1,307 @@
+"""Where every tensor piece of a checkpoint lives: the map that loading on any number of ranks reads by.
+
+Built from the manifest and the safetensors headers alone (two small ranged reads per
+file; no tensor data, no pickle), for both layouts:
+
+- written by rank 0: `model.safetensors` holds whole tensors; `optimizer.safetensors` is
+  torch's optimizer state_dict as a JSON skeleton over tensors `t0..tN`, keyed by integer
+  parameter ids (mapped to parameter names when `param_names` is given, so it loads into
+  the FQN-keyed state `get_state_dict` gives, e.g. under FSDP);
+- written by every rank (sharded.py): `shards/rank*/<entry>.safetensors`, pieces with
+  their global offsets.
+
+Keys are DCP's flat keys (`model.fc.weight`, `optimizer.state.fc.weight.exp_avg`,
+`optimizer.param_groups.0.lr`): the names `torch.distributed.checkpoint` gives the leaves
+of `{"model": ..., "optimizer": ...}`.
+
+Integrity: `verify_share` hashes the listed files split over the ranks (each file once in
+all), so a sharded load checks every byte once before any of it is used; reads after
+that are ranged and trust the check (a file replaced in between is caught by its size at
+best, as with any read-after-verify).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from dist_train.checkpoint import catalog
+from dist_train.checkpoint.serialization import MAX_HEADER, SKELETON_KEY, _DTYPES, FormatError, unflatten
+from dist_train.checkpoint.sharded import CHUNKS_KEY, OBJECTS_KEY, SHARDS, is_sharded
+from dist_train.checkpoint.storage import Storage
+
+DTYPES = {code: dtype for dtype, code in _DTYPES.items()}
+ENTRIES = ("model", "optimizer")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece: its bytes `[start, end)` in `file`, its place in the full tensor."""
+    file: str
+    start: int
+    end: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointIndex:
+    folder: Storage
+    manifest: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    objects: dict[str, Any]
+
+    def keys(self, entry: str) -> list[str]:
+        prefix = f"{entry}."
+        return sorted(k for k in self.tensors if k.startswith(prefix))
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({c.file for info in self.tensors.values() for c in info.chunks})
+
+
+# -- raw reads ------------------------------------------------------------------------------------
+
+def read_range(folder: Storage, rel: str, start: int, end: int) -> bytes:
+    """Bytes `[start, end)` of a file; a short read is a damaged file."""
+    if end <= start:
+        return b""
+    data = folder.read_range(rel, start, end)
+    if len(data) != end - start:
+        raise FormatError(f"{rel}: short read ({len(data)} of {end - start} bytes at {start})")
+    return data
+
+
+def read_header(folder: Storage, rel: str, size: int) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header and where its data starts."""
+    if size < 8:
+        raise FormatError(f"{rel} is too short to be safetensors")
+    (length,) = struct.unpack("<Q", read_range(folder, rel, 0, 8))
+    if length > min(MAX_HEADER, size - 8):
+        raise FormatError(f"{rel}: safetensors header length is out of range")
+    try:
+        header = json.loads(read_range(folder, rel, 8, 8 + length))
+    except ValueError:
+        raise FormatError(f"{rel}: safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{rel}: safetensors header is not an object")
+    return header, 8 + length
+
+
+def _entries_of(header: dict[str, Any], rel: str, data_start: int, size: int) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{rel}: malformed header entry {name!r}") from None
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for dim in shape:
+            nbytes *= dim
+        if begin < 0 or end - begin != nbytes or data_start + end > size:
+            raise FormatError(f"{rel}: tensor {name!r} lies outside the file or has the wrong length")
+        out[name] = (dtype, shape, data_start + begin, data_start + end)
+    return out
+
+
+# -- building the index ---------------------------------------------------------------------------
+
+def _add(index: dict[str, TensorInfo], key: str, dtype: torch.dtype, shape: tuple, chunk: Chunk) -> None:
+    info = index.get(key)
+    if info is None:
+        info = index[key] = TensorInfo(dtype, shape)
+    elif info.dtype != dtype or info.shape != shape:
+        raise FormatError(f"tensor {key}: pieces disagree on dtype or shape")
+    info.chunks.append(chunk)
+
+
+def _metadata_json(header: dict[str, Any], key: str, rel: str) -> Any:
+    raw = (header.get("__metadata__") or {}).get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise FormatError(f"{rel}: {key} metadata is not JSON") from None
+
+
+def _index_sharded(folder: Storage, manifest: dict[str, Any], entries: tuple[str, ...],
+                   tensors: dict[str, TensorInfo], objects: dict[str, Any]) -> None:
+    for rel, entry_info in sorted(manifest["files"].items()):
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[0] != SHARDS or not parts[2].endswith(".safetensors"):
+            continue
+        entry = parts[2][: -len(".safetensors")]
+        if entry not in entries:
+            continue
+        header, data_start = read_header(folder, rel, entry_info["size"])
+        chunks = _metadata_json(header, CHUNKS_KEY, rel) or {}
+        for name, (dtype, shape, begin, end) in _entries_of(header, rel, data_start, entry_info["size"]).items():
+            offsets, global_shape = chunks.get(name, [[0] * len(shape), list(shape)])
+            _add(tensors, f"{entry}.{name}", dtype, tuple(global_shape),
+                 Chunk(rel, begin, end, tuple(offsets), shape))
+        for name, skeleton in (_metadata_json(header, OBJECTS_KEY, rel) or {}).items():
+            objects[f"{entry}.{name}"] = unflatten(skeleton, {})
+
+
+def _index_whole(folder: Storage, manifest: dict[str, Any], entries: tuple[str, ...], param_names: list[str] | None,
+                 tensors: dict[str, TensorInfo], objects: dict[str, Any]) -> None:
+    files = manifest["files"]
+    if "model" in entries and "model.safetensors" in files:
+        rel = "model.safetensors"
+        header, data_start = read_header(folder, rel, files[rel]["size"])
+        for name, (dtype, shape, begin, end) in _entries_of(header, rel, data_start, files[rel]["size"]).items():
+            _add(tensors, f"model.{name}", dtype, shape, Chunk(rel, begin, end, (0,) * len(shape), shape))
+    if "optimizer" in entries and "optimizer.safetensors" in files:
+        rel = "optimizer.safetensors"
+        header, data_start = read_header(folder, rel, files[rel]["size"])
+        stored = _entries_of(header, rel, data_start, files[rel]["size"])
+        skeleton = _metadata_json(header, SKELETON_KEY, rel)
+        if skeleton is None:
+            raise FormatError(f"{rel} carries no state skeleton")
+        placeholders = {name: torch.empty(shape, dtype=dtype, device="meta")
+                        for name, (dtype, shape, _, _) in stored.items()}
+        where = {id(t): name for name, t in placeholders.items()}
+        tree = unflatten(skeleton, placeholders)
+        if param_names is not None:
+            tree = _name_params(tree, param_names)
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        flat, _ = flatten_state_dict({"optimizer": tree})
+        for key, value in flat.items():
+            if isinstance(value, torch.Tensor) and id(value) in where:
+                dtype, shape, begin, end = stored[where[id(value)]]
+                _add(tensors, key, dtype, shape, Chunk(rel, begin, end, (0,) * len(shape), shape))
+            else:
+                objects[key] = value
+
+
+def _name_params(tree: Any, names: list[str]) -> Any:
+    """torch's optimizer state_dict (integer ids) keyed by parameter names instead, as get_state_dict has it."""
+    if not isinstance(tree, dict) or "state" not in tree or "param_groups" not in tree:
+        raise FormatError("optimizer state has the wrong structure")
+
+    def name(pid: Any) -> str:
+        if not isinstance(pid, int) or not 0 <= pid < len(names):
+            raise FormatError(f"optimizer state refers to parameter {pid!r}, the model has {len(names)}")
+        return names[pid]
+
+    groups = [dict(group, params=[name(p) for p in group.get("params", [])]) for group in tree["param_groups"]]
+    return {"state": {name(pid): value for pid, value in tree["state"].items()}, "param_groups": groups}
+
+
+def build_index(folder: Storage, manifest: dict[str, Any], entries: tuple[str, ...] = ENTRIES,
+                param_names: list[str] | None = None) -> CheckpointIndex:
+    """The index of `entries` of a checkpoint (either layout). FormatError when a header is damaged."""
+    tensors: dict[str, TensorInfo] = {}
+    objects: dict[str, Any] = {}
+    if is_sharded(manifest):
+        _index_sharded(folder, manifest, entries, tensors, objects)
+    else:
+        _index_whole(folder, manifest, entries, param_names, tensors, objects)
+    for key, info in tensors.items():
+        info.chunks.sort(key=lambda c: c.offsets)
+        covered = sum(_numel(c.sizes) for c in info.chunks)
+        if covered != _numel(info.shape):
+            raise FormatError(f"tensor {key}: stored pieces cover {covered} of {_numel(info.shape)} elements")
+    return CheckpointIndex(folder, manifest, tensors, objects)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
+
+
+# -- reading tensors ------------------------------------------------------------------------------
+
+def read_region(index: CheckpointIndex, key: str, chunk: Chunk, offsets: tuple[int, ...] | None = None,
+                lengths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The part `offsets`/`lengths` (relative to the piece) of a stored piece, as a CPU tensor.
+
+    A block of whole rows is read as one byte range; anything else reads the piece and narrows it.
+    """
+    dtype = index.tensors[key].dtype
+    sizes = chunk.sizes
+    if offsets is None or lengths is None:
+        offsets, lengths = (0,) * len(sizes), tuple(sizes)
+    item = torch.empty((), dtype=dtype).element_size()
+    if sizes and all(o == 0 for o in offsets[1:]) and tuple(lengths[1:]) == tuple(sizes[1:]):
+        row = item * _numel(sizes[1:])
+        start = chunk.start + offsets[0] * row
+        data = read_range(index.folder, chunk.file, start, start + lengths[0] * row)
+        return _tensor(data, dtype, lengths)
+    whole = _tensor(read_range(index.folder, chunk.file, chunk.start, chunk.end), dtype, sizes)
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        whole = whole.narrow(dim, start, length)
+    return whole
+
+
+def _tensor(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    if not data:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(tuple(shape))
+
+
+def full_tensor(index: CheckpointIndex, key: str) -> torch.Tensor:
+    """One tensor, whole, assembled from its pieces (memory: the tensor plus one piece)."""
+    info = index.tensors[key]
+    if len(info.chunks) == 1 and info.chunks[0].sizes == info.shape:
+        return read_region(index, key, info.chunks[0])
+    full = torch.empty(info.shape, dtype=info.dtype)
+    for chunk in info.chunks:
+        region = full
+        for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            region = region.narrow(dim, start, length)
+        region.copy_(read_region(index, key, chunk))
+    return full
+
+
+def iter_full(index: CheckpointIndex, entry: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of an entry in key order, one at a time."""
+    prefix = len(entry) + 1
+    for key in index.keys(entry):
+        yield key[prefix:], full_tensor(index, key)
+
+
+# -- integrity ------------------------------------------------------------------------------------
+
+def verify_share(folder: Storage, manifest: dict[str, Any], rank: int = 0, world_size: int = 1,
+                 names: list[str] | None = None) -> str | None:
+    """Check size and sha256 of this rank's share of the listed files (file i goes to rank i mod N):
+    the first problem, or None. Every rank calls it; together they read each file once."""
+    names = sorted(names if names is not None else manifest["files"])
+    for position, name in enumerate(names):
+        if position % world_size != rank:
+            continue
+        entry = manifest["files"].get(name)
+        if entry is None:
+            return f"manifest does not list {name}"
+        size = folder.size(name)
+        if size is None:
+            return f"file {name} is missing"
+        if size != entry["size"]:
+            return f"file {name} is {size} bytes, manifest says {entry['size']}"
+        if catalog.sha256_of(folder, name) != entry["sha256"]:
+            return f"file {name} does not match its sha256 (corrupted)"
+    return None
+
+
+__all__ = ["CheckpointIndex", "Chunk", "TensorInfo", "build_index", "full_tensor", "iter_full", "read_region",
+           "verify_share", "read_range", "read_header"]

@@ -1,0 +1,133 @@
+"""Open registries: a built-in name or a user's `MODULE:ATTR` import path, resolved the same way.
+
+Models, data sets and tasks each have a `Registry`. Built-in entries are registered
+by name; anything with a colon is imported as Python would for `python -m` from the
+current directory (the current directory and `PYTHONPATH` are on the path). Every
+failure a user can cause (a module that does not import, a missing attribute, a
+factory that raises or returns the wrong thing) is a `UserError` naming the path:
+one line, exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+from dist_train.errors import UserError
+
+T = TypeVar("T")
+
+
+def is_import_path(name: str) -> bool:
+    return isinstance(name, str) and ":" in name
+
+
+def import_object(path: str, what: str) -> Any:
+    """`package.module:attr.sub` -> the object; a UserError naming `path` when it cannot be had."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"{what} {path!r}: an import path is MODULE:ATTR, e.g. mypkg.models:build")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # as `python -m` does: the current directory first
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        detail = "not found" if missing == module_name else f"it imports {missing}, which is not installed"
+        raise UserError(f"{what} {path}: module {module_name} {detail} "
+                        "(run from the folder that holds it, or put it on PYTHONPATH)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure while importing the user's module is theirs
+        raise UserError(f"{what} {path}: importing module {module_name} failed: {brief(exc)}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UserError(f"{what} {path}: module {module_name} has no attribute {attr}") from None
+    return target
+
+
+def accepted_kwargs(func: Callable, offered: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `offered` that `func`'s signature accepts (all of it when it takes **kwargs)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(offered)
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+def call_user(func: Callable, path: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a user's factory; whatever it raises becomes a one-line UserError naming it."""
+    try:
+        return func(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code failed: say where, not a traceback
+        raise UserError(f"{what} {path} raised {brief(exc)}") from None
+
+
+def qualified_name(obj: Any) -> str:
+    """`module:qualname` of a function or class, so a checkpoint can name it (best effort)."""
+    module = getattr(obj, "__module__", None) or "__main__"
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name  # `python -m pkg.script`: importable again under that name
+    return f"{module}:{qualname}"
+
+
+def brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+class Registry(Generic[T]):
+    """Named built-in entries plus import paths, for one kind of component."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T | None = None):
+        """`registry.register("cnn", build_cnn)`, or as a decorator `@registry.register("cnn")`."""
+        if entry is not None:
+            self._entries[name] = entry
+            return entry
+
+        def decorate(obj: T) -> T:
+            self._entries[name] = obj
+            return obj
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def check_name(self, value: str) -> str | None:
+        """Validation for a config field: a built-in name or an import path (resolved later)."""
+        if value in self._entries or is_import_path(value):
+            return None
+        return f"must be one of {', '.join(self.names())} or an import path MODULE:ATTR"
+
+    def resolve(self, name: str) -> T:
+        if name in self._entries:
+            return self._entries[name]
+        if is_import_path(name):
+            return import_object(name, f"--{self.kind}")
+        raise UserError(f"unknown {self.kind} {name!r}: use one of {', '.join(self.names())} "
+                        "or an import path MODULE:ATTR")
+
+    def entries(self) -> Iterable[tuple[str, T]]:
+        return sorted(self._entries.items())
