@@ -50,6 +50,17 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
         add_config_arguments(parser)
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
         cfg = resolve(args)
+        # config.yaml and every manifest name the callables as import paths (not the flags' defaults),
+        # so evaluate/predict/export rebuild the user's data set, not `digits`
+        from dist_train.plugins import qualified_name
+        if dataset is not None:
+            cfg.data.dataset = qualified_name(dataset)
+        if model is not None:
+            cfg.model.model = qualified_name(model)
+        if isinstance(task, str):
+            cfg.train.task = task
+        elif task is not None:
+            cfg.train.task = getattr(task, "name", None) if hasattr(task, "score") else qualified_name(task)
         from dist_train.checkpoint.storage import check_url_scheme
         check_url_scheme(cfg.checkpoint.run_dir)
         if args.print_config:

@@ -52,7 +52,8 @@ def _serve(conn, run_dir: str, model: dict, optimizer_state: dict) -> None:
         step, param_groups, trainer, fields = message
         started = time.perf_counter()
         try:
-            snap = Snapshot(step, model, {"state": optimizer_state, "param_groups": param_groups}, trainer, fields)
+            snap = Snapshot(step, {"model": model, "optimizer": {"state": optimizer_state, "param_groups": param_groups},
+                                  "trainer": trainer}, fields)
             fields = dict(fields, model_digest=model_digest(snap.model))
             writer.commit(step, snap.files(), fields)
             conn.send(("ok", time.perf_counter() - started))

@@ -15,9 +15,10 @@ from typing import Any, Callable
 from dist_train.bench.jobs import Workload
 from dist_train.bench.measure import Figure, log
 
-FAMILIES = ("io", "s3", "training", "resume")
+FAMILIES = ("io", "load", "s3", "training", "resume")
 # Each family and the figures it produces (so a failed family still reports its keys).
 FIGURES = {"io": [("stall_ratio", "<= 0.05"), ("save_efficiency", ">= 0.80"), ("async_thread_vs_process", "")],
+           "load": [("load_ratio", "<= 1.2"), ("load_ratio_old_path", "")],
            "s3": [("s3_efficiency", ">= 0.85")],
            "training": [("trainer_overhead", "<= 1.03"), ("ddp_scaling", ">= 0.85"), ("checkpoint_overhead", "<= 1.035")],
            "resume": [("resume_ratio", "<= 1.5")]}
@@ -52,6 +53,9 @@ def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]
     if name == "io":
         from dist_train.bench import checkpoint_io
         return checkpoint_io.run(work_dir, settings.state_bytes, settings.io_repeats, settings.compare_process)
+    if name == "load":
+        from dist_train.bench import load
+        return load.run(work_dir, settings.state_bytes, settings.io_repeats)
     if name == "s3":
         from dist_train.bench import s3
         return s3.run(settings.s3_bytes, settings.repeats)

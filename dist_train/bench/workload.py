@@ -62,7 +62,7 @@ class TrainingState:
                        "rng": rng_states}
             fields = {"epoch": 0, "world_size": 1, "model": {"name": "bench-linear", "num_classes": WIDTH,
                                                              "in_channels": 1, "image_size": WIDTH}}
-            return Snapshot(self.step, model, optimizer, trainer, fields, fill)
+            return Snapshot(self.step, {"model": model, "optimizer": optimizer, "trainer": trainer}, fields, fill)
         return snapshot
 
 

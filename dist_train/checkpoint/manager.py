@@ -97,7 +97,8 @@ class CheckpointManager:
     def __init__(self, run_dir: str, keep_last: int | None = None, async_save: bool = False,
                  storage_options: dict | None = None, *, keep_best: int | None = None,
                  keep_every: int | None = None, verify: str = "sha256", env: DistEnv | None = None,
-                 max_consecutive_failures: int = 3, on_commit: Callable[[Committed], None] | None = None):
+                 max_consecutive_failures: int = 3, on_commit: Callable[[Committed], None] | None = None,
+                 strict_fencing: bool = False):
         if keep_last is not None and keep_last < 1:
             raise UserError(f"keep_last must be >= 1, got {keep_last}")
         if verify not in ("sha256", "size"):
@@ -110,6 +111,7 @@ class CheckpointManager:
         self.policy = RetentionPolicy(keep_last, keep_best, keep_every)
         self.async_save = async_save
         self.max_consecutive_failures = max_consecutive_failures
+        self.strict_fencing = strict_fencing  # refuse a store that ignores conditional writes (else: warn)
         self._listeners: list[Callable[[Committed], None]] = [on_commit] if on_commit else []
         self.generation: int | None = None
         self.resumed_from: dict[str, Any] | None = None  # manifest of the checkpoint restored
@@ -229,9 +231,10 @@ class CheckpointManager:
         env = self.env
         writer_id = new_writer_id()
         generation = 0
+        # once per run: does the store honour If-None-Match? (warn and check-then-write, or refuse if strict)
+        env.on_every_rank(lambda: self.storage.check_conditional_writes(self.strict_fencing) if env.is_rank0 else None)
         if env.is_rank0:
             self.storage.makedirs("")
-            self.storage.check_conditional_writes()  # once: warns when the store ignores If-None-Match
             registry = AttemptRegistry(self.storage)
             resumed = self.resumed_from.get("generation") if self.resumed_from and self._resumed_step is not None \
                 else None

@@ -156,32 +156,42 @@ class _Reader:
 
     def fill(self, source: _Source, start: int, views_of: Callable[[int, int], list[memoryview]],
              digest: Any | None) -> None:
-        """Read [start, size) of the file into `views_of(range)`; hash each range in order as it lands."""
+        """Read [start, size) of the file into `views_of(range)`; hash each range in order as it lands.
+
+        Up to `concurrency` ranges are read ahead on the pool. A range whose read has not
+        started when the hash cursor reaches it is read right here instead (a busy machine
+        may not have run the pool's thread yet): the cursor never waits for a queue.
+        """
         step = self.range_size or source.range_size
         ranges = iter(range(start, source.size, step))
-        pending: deque[tuple[list[memoryview], cf.Future]] = deque()
+        pending: deque[tuple[int, list[memoryview], cf.Future | None]] = deque()
 
         def submit() -> None:
             begin = next(ranges, None)
             if begin is not None:
                 views = views_of(begin, min(source.size, begin + step))
-                pending.append((views, self.pool.submit(source.read_into, begin, views)))
+                ahead = self.concurrency > 1 and len(pending) > 0
+                pending.append((begin, views, self.pool.submit(source.read_into, begin, views) if ahead else None))
 
         try:
-            for _ in range(self.concurrency):
+            for _ in range(max(1, self.concurrency)):
                 submit()
             while pending:
-                views, future = pending[0]
-                future.result()
+                begin, views, future = pending[0]
+                if future is None or future.cancel():
+                    source.read_into(begin, views)
+                else:
+                    future.result()
                 pending.popleft()
                 submit()
                 if digest is not None:
                     for view in views:
                         digest.update(view)
         finally:
-            for _, future in pending:  # on failure: nothing may still write into memory we drop
-                future.cancel()
-            cf.wait([f for _, f in pending])
+            for _, _, future in pending:  # on failure: nothing may still write into memory we drop
+                if future is not None:
+                    future.cancel()
+            cf.wait([f for _, _, f in pending if f is not None])
 
     def load(self, folder: Storage, entry: dict[str, Any] | None, name: str, verify_sha: bool,
              tree: bool) -> LoadedFile:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -251,6 +252,22 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
+def _digest_plan(layouts: list[list[tuple]] | None) -> dict[str, dict[str, Any]]:
+    """Rank 0: every model tensor's dtype, shape and pieces (offsets, sizes, rank), checked to cover it."""
+    tensors: dict[str, dict[str, Any]] = {}
+    for rank, layout in enumerate(layouts or []):
+        for key, offsets, sizes, dtype, shape in layout:
+            info = tensors.setdefault(key, {"dtype": _dtype(dtype), "shape": tuple(shape), "chunks": []})
+            info["chunks"].append((tuple(offsets), tuple(sizes), rank))
+    for key, info in tensors.items():
+        info["chunks"].sort()
+        covered = sum(_numel(sizes) for _, sizes, _ in info["chunks"])
+        if covered != _numel(info["shape"]):
+            raise ShardedSaveError(f"model tensor {key}: the ranks' pieces cover {covered} of "
+                                   f"{_numel(info['shape'])} elements")
+    return tensors
+
+
 class ShardedSaver:
     """Every rank's side of a sharded save. Build it on every rank at the same time (it makes a group).
 
@@ -301,9 +318,11 @@ class ShardedSaver:
         Raises on every rank when the checkpoint was not committed.
         """
         env = self.env
-        folder, error = None, None
+        layouts = self._gather(snap.model_layout())
+        folder, error, tensors = None, None, None
         if env.is_rank0:
             try:
+                tensors = _digest_plan(layouts)
                 folder = self.writer.begin(snap.step)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it
                 error = exc
@@ -311,6 +330,16 @@ class ShardedSaver:
         if begin_error is not None:
             raise error if error is not None else ShardedSaveError(f"rank 0 could not start the save: {begin_error}")
 
+        # The digest streams to rank 0 (on our group) while every rank writes and hashes its files.
+        digest: list[Any] = [None, None]
+
+        def stream() -> None:
+            try:
+                digest[0] = self._stream_digest(snap, tensors)
+            except BaseException as exc:  # noqa: BLE001 - re-raised after the join
+                digest[1] = exc
+        streamer = threading.Thread(target=stream, name="ckpt-digest", daemon=True)
+        streamer.start()
         own_error: BaseException | None = None
         table: dict[str, Any] = {}
         try:
@@ -324,8 +353,10 @@ class ShardedSaver:
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, raised below
             own_error = exc
             log.error("rank %d could not write its checkpoint share: %s", env.rank, exc)
-        reports = self._gather((table, None if own_error is None else f"rank {env.rank}: {own_error}",
-                                snap.model_layout()))
+        streamer.join()
+        if digest[1] is not None and own_error is None:
+            own_error = digest[1]
+        reports = self._gather((table, None if own_error is None else f"rank {env.rank}: {own_error}"))
 
         decision = None
         if env.is_rank0:
@@ -337,7 +368,6 @@ class ShardedSaver:
         if decision is not None:
             raise own_error if own_error is not None else ShardedSaveError(f"checkpoint not committed: {decision}")
 
-        digest = self._stream_digest(snap, [report[2] for report in reports] if env.is_rank0 else None)
         outcome: Any = None
         finish_error: BaseException | None = None
         if env.is_rank0:
@@ -347,7 +377,7 @@ class ShardedSaver:
             manifest_fields = dict(fields)
             entries = sorted({rel.rsplit("/", 1)[1].removesuffix(".safetensors")
                               for rel in merged if rel.startswith(f"{SHARDS}/")})
-            manifest_fields.update({"model_digest": digest, SHARDED_FIELD: {
+            manifest_fields.update({"model_digest": digest[0], SHARDED_FIELD: {
                 "version": LAYOUT_VERSION, "world_size": env.world_size, "entries": entries}})
             try:
                 outcome = self.writer.finish(snap.step, folder, merged, manifest_fields)
@@ -361,7 +391,7 @@ class ShardedSaver:
             raise ShardedSaveError(f"checkpoint not committed: {outcome}")
         return outcome
 
-    def _stream_digest(self, snap: ShardSnapshot, layouts: list[list[tuple]] | None) -> str | None:
+    def _stream_digest(self, snap: ShardSnapshot, tensors: dict[str, dict[str, Any]] | None) -> str | None:
         """The model digest on rank 0, fed one tensor at a time: every other rank sends its pieces of
         the model in key order; rank 0 feeds row blocks straight into sha256 and assembles (one
         tensor at a time) only pieces that are not whole row blocks."""
@@ -371,20 +401,10 @@ class ShardedSaver:
                     dist.send(_as_bytes(piece.tensor), dst=0, group=self.group)
             return None
         own = {(p.key, p.offsets): p.tensor for p in snap.pieces.get("model", [])}
-        tensors: dict[str, dict[str, Any]] = {}
-        for rank, layout in enumerate(layouts or []):
-            for key, offsets, sizes, dtype, shape in layout:
-                info = tensors.setdefault(key, {"dtype": dtype, "shape": tuple(shape), "chunks": []})
-                info["chunks"].append((tuple(offsets), tuple(sizes), rank))
         digest = hashlib.sha256()
-        for key in sorted(tensors):
+        for key in sorted(tensors or {}):
             info = tensors[key]
-            dtype, shape = _dtype(info["dtype"]), info["shape"]
-            chunks = sorted(info["chunks"])
-            covered = sum(_numel(sizes) for _, sizes, _ in chunks)
-            if covered != _numel(shape):
-                raise ShardedSaveError(f"model tensor {key}: the ranks' pieces cover {covered} of {_numel(shape)} "
-                                       "elements")
+            dtype, shape, chunks = info["dtype"], info["shape"], info["chunks"]
             digest.update(digest_prefix(key, dtype, shape))
             if _tiles_rows(chunks, shape):
                 for offsets, sizes, rank in chunks:

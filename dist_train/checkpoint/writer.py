@@ -283,6 +283,7 @@ def clean_stale(storage: Storage, generation: int) -> list[str]:
     removed = []
     try:
         entries = storage.list("")
+        holding = set(storage.folders(""))  # a store may list emptied folders: nothing to remove there
     except Exception as exc:  # noqa: BLE001 - clean-up must not fail the attempt
         log.warning("could not list %s for leftovers of earlier attempts: %s", storage.display_url,
                     describe_error(exc))
@@ -301,7 +302,8 @@ def clean_stale(storage: Storage, generation: int) -> list[str]:
                     stale = not storage.exists(f"{entry.name}/{mf.MANIFEST}")
             if stale:
                 storage.delete_tree(entry.name)
-                removed.append(entry.name)
+                if entry.name in holding:  # else an empty folder, or only a lagging listing's ghost
+                    removed.append(entry.name)
         except Exception as exc:  # noqa: BLE001 - e.g. ENOTEMPTY: a zombie worker still writes there
             log.warning("could not remove leftover %s (%s); a later attempt will", storage.url(entry.name),
                         describe_error(exc))

@@ -93,7 +93,9 @@ def make_spec(name: str, args: dict[str, Any], builtin_options: dict[str, Any],
               shape: dict[str, Any]) -> ModelSpec:
     """The spec of this run: built-in option flags go to the factory when it takes them."""
     factory = MODELS.resolve(name)
-    merged = dict(accepted_kwargs(factory, builtin_options)) if not is_import_path(name) else {}
+    if is_import_path(name):  # a user's factory: only --freeze-backbone (passed when set), never --width/--dropout
+        builtin_options = {k: v for k, v in builtin_options.items() if k == "freeze_backbone"}
+    merged = dict(accepted_kwargs(factory, builtin_options))
     merged.update(args)
     offered = {k: v for k, v in shape.items() if v is not None}
     return ModelSpec(name, merged, accepted_kwargs(factory, offered))

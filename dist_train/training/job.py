@@ -122,7 +122,8 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
         enable_deterministic_algorithms()
     checkpoints = CheckpointManager(cfg.checkpoint.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_checkpoint,
                                     cfg.checkpoint.storage_options, keep_best=cfg.checkpoint.keep_best,
-                                    keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env)
+                                    keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env,
+                                    strict_fencing=cfg.checkpoint.strict_fencing)
     task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
     bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
     spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))
@@ -192,7 +193,7 @@ def run(job: Job, generation: int) -> Outcome:
     if env.is_rank0 and cfg.train.tensorboard:
         from dist_train.training.trackers import TensorBoardTracker
         tracker = TensorBoardTracker(storage, resumed_step)
-    notice = _notice_watcher(cfg)
+    notice = _notice_watcher(cfg, env)
     watcher = PreemptionWatcher(cfg.train.preempt_deadline).install()
     run_parts = RunParts(job.checkpoints, metrics, watcher, job.progress, generation, job.callbacks, job.extras,
                          tracker, notice)
@@ -210,11 +211,12 @@ def run(job: Job, generation: int) -> Outcome:
         watcher.uninstall()
 
 
-def _notice_watcher(cfg: JobConfig):
-    if not getattr(cfg.train, "preemption_notice", None):
+def _notice_watcher(cfg: JobConfig, env: DistEnv):
+    """One poller per node (local rank 0): the step-boundary vote tells every rank."""
+    if not cfg.train.preemption_notice:
         return None
     from dist_train.training.notice import NoticeWatcher
-    return NoticeWatcher.from_config(cfg.train)
+    return NoticeWatcher.from_config(cfg.train, local_rank=env.local_rank)
 
 
 # -- report ----------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class Trainer:
         self._param_ptrs = {p.data_ptr() for p in model.raw.parameters()}
         self.vote = BoundaryVote(env)
         self._noticed = False
+        self._stop_reason = "preempted"  # the reason recorded by the checkpoint of a preemption
         run.callbacks.view = _view(self)
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Trainer:
         self.vote.settle()
         if outcome is Outcome.PREEMPTED:
             self.run.callbacks.call("on_preemption")
-            self._save("preempted")
+            self._save(self._stop_reason)
         ok = self.run.checkpoints.close()
         self.run.metrics.close()
         if self.run.tracker is not None:
@@ -252,7 +253,8 @@ class Trainer:
             if self.env.is_rank0:
                 log.warning("preemption notice%s: committing a checkpoint now",
                             f" ({self.run.notice.describe()})" if self.run.notice is not None else "")
-            if getattr(self.cfg.train, "exit_on_notice", False):
+            if self.cfg.train.exit_on_notice:
+                self._stop_reason = "notice"
                 return Outcome.PREEMPTED
             self._save("notice")
         return None

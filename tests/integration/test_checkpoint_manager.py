@@ -30,8 +30,8 @@ def make_snapshot(model: torch.nn.Module, val_loss: float | None = None):
         from dist_train.checkpoint.state import SnapshotBuffers, to_cpu_tree
         grab = SnapshotBuffers().copy_tree if copy else to_cpu_tree
         metrics = {} if val_loss is None else {"val_loss": val_loss}
-        return Snapshot(0, grab(model.state_dict()), {"state": {}, "param_groups": []},
-                        {"rng": rng_states}, {"epoch": 0, "world_size": 1, "metrics": metrics})
+        return Snapshot(0, {"model": grab(model.state_dict()), "optimizer": {"state": {}, "param_groups": []},
+                            "trainer": {"rng": rng_states}}, {"epoch": 0, "world_size": 1, "metrics": metrics})
     return snapshot
 
 

@@ -13,11 +13,12 @@ and without __init__.py files pytest cannot collect two modules of one name.)
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, kill_group, manifests, start_torchrun, wait_for
+from conftest import PYTHON, REPO, TINY, base_env, kill_group, manifests, start_torchrun, wait_for
 from dist_train.errors import EXIT_PREEMPTED
 from support.metadata_server import PROBE_PATHS, MetadataServer
 
@@ -39,12 +40,20 @@ def steps_logged_by(run_dir: Path, when: float) -> int:
     return max(steps)
 
 
-def run_with_notice(provider: str, tmp_path: Path, *extra: str) -> tuple[int, Path, float]:
-    """Start the job, announce a notice once every rank polls, wait for the end: (status, run dir, T)."""
+def start_launcher(train: list[str], log_path: Path) -> subprocess.Popen:
+    """`dist-train launch --standalone --nproc-per-node 2 -- train ...`: its status is the job's (75 too,
+    where plain torchrun says 1)."""
+    return subprocess.Popen([PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node", "2", "--",
+                             *train], stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=base_env(),
+                            cwd=REPO, start_new_session=True)
+
+
+def run_with_notice(provider: str, tmp_path: Path, *extra: str, launcher: bool = False) -> tuple[int, Path, float]:
+    """Start the job, announce a notice once the watchers poll, wait for the end: (status, run dir, T)."""
     run_dir, log_path = tmp_path / "run", tmp_path / "job.log"
     with MetadataServer() as server:
-        proc = start_torchrun(2, ["train", "--run-dir", str(run_dir), *JOB,
-                                  "--preemption-notice", server.source(provider), *extra], log_path=log_path)
+        train = ["train", "--run-dir", str(run_dir), *JOB, "--preemption-notice", server.source(provider), *extra]
+        proc = start_launcher(train, log_path) if launcher else start_torchrun(2, train, log_path=log_path)
         try:
             # First no notice: both ranks (or at least the polling one) are asking and hear "none".
             wait_for(lambda: server.count(PROBE_PATHS[provider]) >= 4 or proc.poll() is not None, 120,
@@ -79,7 +88,7 @@ def test_a_notice_commits_a_checkpoint_and_training_goes_on(provider, tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_exit_on_notice_commits_and_exits_preempted(tmp_path):
-    status, run_dir, served_at = run_with_notice("gcp", tmp_path, "--exit-on-notice")
+    status, run_dir, served_at = run_with_notice("gcp", tmp_path, "--exit-on-notice", launcher=True)
     assert status == EXIT_PREEMPTED, (tmp_path / "job.log").read_text()[-3000:]
     committed = manifests(run_dir)
     last = committed[-1]

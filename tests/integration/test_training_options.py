@@ -74,3 +74,18 @@ def test_mnist_is_read_from_the_data_root_without_download(tmp_path):
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (30, 10, 12)
     x, y = bundle.train[0]
     assert x.shape == (1, 28, 28) and 0 <= y < 10 and bundle.num_classes == 10
+
+
+@pytest.mark.timeout(180)
+def test_the_last_validation_is_in_the_newest_checkpoint_when_max_steps_meets_an_interval(tmp_path, capsys):
+    """--max-steps a multiple of --checkpoint-every, stopping mid-epoch: validate first, then save once."""
+    run_dir = tmp_path / "run"
+    result = run_cli(["train", "--run-dir", str(run_dir), "--epochs", "3", "--max-steps", "10",
+                      "--checkpoint-every", "5", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    newest = manifests(run_dir)[-1]
+    assert newest["step"] == 10 and newest["reason"] == "final"
+    assert "val_loss" in newest["metrics"], "the final validation is not in any checkpoint"
+    from conftest import call_cli
+    code, out, _ = call_cli(["ckpt", "best", str(run_dir)], capsys)
+    assert code == 0 and out.strip().endswith("ckpt-g0001-s0000000010")

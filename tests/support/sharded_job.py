@@ -1,13 +1,15 @@
-"""A tiny sharded-checkpoint job for tests/integration/test_sharded_checkpoints.py, run under torchrun
-(or as one plain process). Each mode prints one JSON line `RESULT {...}` on rank 0.
+"""A tiny sharded-checkpoint job for tests/integration/test_sharded_checkpoints.py, under torchrun or as
+one plain process. Rank 0 prints one line `RESULT {json}`.
 
-    save      --parallelism ddp|fsdp --run-dir URL --out DIR [--writers all|rank0] [--fault-rank R]
-              train 2 steps, save; with --fault-rank the first save fails on rank R (a storage hook),
-              then a second save must succeed. Writes the full state (reference) to DIR/reference.safetensors.
-    load      --parallelism ddp|fsdp --ckpt URL --out DIR
-              build a fresh model, load the checkpoint, compare with DIR/reference.safetensors.
-    dcp-load  --ckpt URL --out DIR     a torchtitan-style program: plain `dcp.load` with DistTrainReader.
-    memory    --run-dir URL            peak memory of an FSDP save (copies + commit) against the state size.
+    save --parallelism ddp|fsdp --run-dir URL --out DIR [--fault-rank R] [--reload]
+         [--legacy-run-dir URL] [--memory-run-dir URL]
+        train 2 steps, write the full state to DIR/reference.safetensors, save sharded. --fault-rank: a
+        first save fails on rank R (storage hook), then the next must succeed. --reload: load the
+        checkpoint back into a fresh model and compare. --legacy-run-dir: also save today's rank-0 layout.
+        --memory-run-dir: measure a larger FSDP save's peak memory (against gathering the full state).
+    load --parallelism ddp|fsdp --ckpt URL [--ckpt URL ...] --out DIR [--dcp]
+        a fresh model loads each checkpoint; compared with DIR/reference.safetensors. --dcp: also load
+        it as a torchtitan-style program does (plain `dcp.load` with dist_train's reader).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def make_writer(env, run_dir: str) -> CheckpointWriter:
     return CheckpointWriter(storage, generation, new_writer_id(), registry)
 
 
-def fields(env, model) -> dict:
+def fields(env) -> dict:
     return {"epoch": 0, "world_size": env.world_size}
 
 
@@ -119,10 +121,24 @@ def report(env, **values) -> None:
         print("RESULT " + json.dumps(values), flush=True)
 
 
+def save_rank0_layout(env, writer, model, optimizer, trainer_state) -> dict:
+    """Today's layout (rank 0 writes whole files), for loading it resharded."""
+    from dist_train.checkpoint.manifest import model_digest
+
+    committed = None
+    if env.is_rank0:
+        raw = parallel.unwrap(model).state_dict()
+        files = {"model.safetensors": tensor_file(raw, {"format": "pt"}),
+                 "optimizer.safetensors": tree_file(optimizer.state_dict()),
+                 "trainer.safetensors": tree_file(trainer_state)}
+        committed = writer.commit(2, files, dict(fields(env), model_digest=model_digest(raw)))
+    committed = env.broadcast_object(committed)
+    return {"step": 2, "url": committed.url, "manifest_digest": committed.manifest["model_digest"]}
+
+
 def mode_save(env, args) -> None:
     from safetensors.torch import save_file
 
-    from dist_train.checkpoint.manifest import model_digest
     from dist_train.checkpoint.sharded import ShardedSaver, collect_state
 
     model, wrapped, optimizer = build(env, args.parallelism, seed=0)
@@ -132,19 +148,12 @@ def mode_save(env, args) -> None:
     if env.is_rank0:
         os.makedirs(args.out, exist_ok=True)
         save_file(reference, os.path.join(args.out, "reference.safetensors"))
-    writer = make_writer(env, args.run_dir)
     trainer_state = {"progress": {"step": 2}, "rng": [1, 2]}
-    if args.writers == "rank0":  # today's layout: rank 0 writes whole files (DDP only)
-        committed = None
-        if env.is_rank0:
-            raw = parallel.unwrap(model).state_dict()
-            files = {"model.safetensors": tensor_file(raw, {"format": "pt"}),
-                     "optimizer.safetensors": tree_file(optimizer.state_dict()),
-                     "trainer.safetensors": tree_file(trainer_state)}
-            committed = writer.commit(2, files, dict(fields(env, model), model_digest=model_digest(raw)))
-        committed = env.broadcast_object(committed)
-        report(env, url=committed.url, digest=digest, manifest_digest=committed.manifest["model_digest"])
-        return
+    result: dict = {"digest": digest}
+    if args.legacy_run_dir:
+        result["legacy"] = save_rank0_layout(env, make_writer(env, args.legacy_run_dir), model, optimizer,
+                                             trainer_state)
+    writer = make_writer(env, args.run_dir)
     saver = ShardedSaver(env, writer)
     outcomes = []
     steps = [1, 2] if args.fault_rank is not None else [2]
@@ -159,18 +168,32 @@ def mode_save(env, args) -> None:
         snap = saver.snapshot(step, state, pinned, copy=args.copy)
         rank0_files = {"trainer.safetensors": tree_file(trainer_state)} if env.is_rank0 else None
         try:
-            committed = saver.commit(snap, fields(env, model), rank0_files)
+            committed = saver.commit(snap, fields(env), rank0_files)
             outcomes.append({"step": step, "url": committed.url, "manifest_digest": committed.manifest["model_digest"]})
         except Exception as exc:  # noqa: BLE001 - reported
             outcomes.append({"step": step, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             if hook is not None:
                 Storage.hooks.remove(hook)
-        leftovers = sorted(e.name for e in writer.storage.list("") if e.name.startswith((".staging", "ckpt-")))
-        outcomes[-1]["run_dir_after"] = leftovers
-    committed_url = outcomes[-1].get("url")
-    report(env, url=committed_url, digest=digest, outcomes=outcomes,
-           manifest_digest=outcomes[-1].get("manifest_digest"))
+        env.barrier()
+        names = set(writer.storage.folders("")) | {e.name for e in writer.storage.list("")}
+        outcomes[-1]["run_dir_after"] = sorted(n for n in names if n.startswith(("ckpt-", ".staging")))
+    result["outcomes"] = outcomes
+    if args.reload and "url" in outcomes[-1]:
+        fresh, _, fresh_optimizer = build(env, args.parallelism, seed=321)
+        load(env, outcomes[-1]["url"], fresh, fresh_optimizer)
+        result["reload"] = compare(env, fresh, fresh_optimizer, args.out)
+    if args.memory_run_dir:
+        result["memory"] = measure_memory(env, args.memory_run_dir)
+    report(env, **result)
+
+
+def load(env, url: str, model, optimizer) -> None:
+    from dist_train.checkpoint import catalog
+    from dist_train.checkpoint.dcp import load_state
+
+    folder = Storage(url)
+    load_state(env, folder, catalog.read_manifest(folder), model, optimizer)
 
 
 def compare(env, model, optimizer, out: str) -> dict:
@@ -184,30 +207,30 @@ def compare(env, model, optimizer, out: str) -> dict:
 
 
 def mode_load(env, args) -> None:
-    from dist_train.checkpoint import catalog
-    from dist_train.checkpoint.dcp import load_state
+    results = []
+    for url in args.ckpt:
+        model, wrapped, optimizer = build(env, args.parallelism, seed=123)
+        load(env, url, model, optimizer)
+        result = compare(env, model, optimizer, args.out)
+        train(env, wrapped, optimizer, steps=1)  # the loaded state trains on
+        if args.dcp:
+            result["dcp_digest"] = dcp_program(env, url)
+        results.append(result)
+    report(env, results=results, world_size=env.world_size)
 
-    model, wrapped, optimizer = build(env, args.parallelism, seed=123)
-    folder = Storage(args.ckpt)
-    manifest = catalog.read_manifest(folder)
-    load_state(env, folder, manifest, model, optimizer)
-    result = compare(env, model, optimizer, args.out)
-    train(env, wrapped, optimizer, steps=1)  # the loaded state trains on
-    report(env, **result, world_size=env.world_size)
 
-
-def mode_dcp_load(env, args) -> None:
+def dcp_program(env, url: str) -> str:
     """What a torchtitan-style program does: its own FSDP model, plain DCP calls, dist_train's reader."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from dist_train.checkpoint.dcp import DistTrainReader
 
-    model, wrapped, _ = build(env, "fsdp", seed=7)
+    model, _, _ = build(env, "fsdp", seed=7)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, storage_reader=DistTrainReader(args.ckpt))
+    dcp.load(state, storage_reader=DistTrainReader(url))
     set_model_state_dict(model, state["model"])
-    report(env, digest=parallel.model_digest(model))
+    return parallel.model_digest(model)
 
 
 def _rss_peak_reset() -> bool:
@@ -227,12 +250,15 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def mode_memory(env, args) -> None:
+def measure_memory(env, run_dir: str) -> dict:
+    """Peak RSS growth of an FSDP save with copies (what an async save holds), and of gathering the
+    full state to rank 0 measured the same way (the control). Run with MALLOC_MMAP_THRESHOLD_ low, so
+    freed memory goes back to the OS and RSS follows what is live."""
     from dist_train.checkpoint.sharded import ShardedSaver, collect_state
 
     model, wrapped, optimizer = build(env, "fsdp", seed=0, dim=512, depth=6)
     train(env, wrapped, optimizer, steps=1)
-    writer = make_writer(env, args.run_dir)
+    writer = make_writer(env, run_dir)
     saver = ShardedSaver(env, writer)
     total = sum(t.numel() * t.element_size() for t in full_state_sizes(model, optimizer))
     local = parallel.local_state_bytes(model, optimizer)
@@ -258,7 +284,7 @@ def mode_memory(env, args) -> None:
     del full
     reports = env.all_gather_objects({"rank": env.rank, "snapshot_bytes": snap_bytes, "local_bytes": local,
                                       "rss_growth": growth, "full_gather_growth": control})
-    report(env, total_bytes=total, ranks=reports, url=committed.url)
+    return {"total_bytes": total, "ranks": reports, "url": committed.url}
 
 
 def full_state_sizes(model, optimizer):
@@ -272,19 +298,22 @@ def full_state_sizes(model, optimizer):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load", "dcp-load", "memory"])
+    parser.add_argument("mode", choices=["save", "load"])
     parser.add_argument("--parallelism", default="fsdp")
-    parser.add_argument("--writers", default="all")
     parser.add_argument("--run-dir")
-    parser.add_argument("--ckpt")
+    parser.add_argument("--legacy-run-dir", help="also save today's rank-0 layout there")
+    parser.add_argument("--memory-run-dir", help="also measure a save's peak memory there")
+    parser.add_argument("--ckpt", action="append", default=[])
     parser.add_argument("--out")
     parser.add_argument("--fault-rank", type=int)
     parser.add_argument("--copy", action="store_true")
+    parser.add_argument("--reload", action="store_true")
+    parser.add_argument("--dcp", action="store_true", help="also load each checkpoint as a DCP program would")
     args = parser.parse_args()
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     try:
-        {"save": mode_save, "load": mode_load, "dcp-load": mode_dcp_load, "memory": mode_memory}[args.mode](env, args)
+        {"save": mode_save, "load": mode_load}[args.mode](env, args)
     finally:
         teardown(env)
 

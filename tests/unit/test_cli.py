@@ -42,7 +42,7 @@ def test_no_parser_accepts_abbreviated_flags():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--e", "3"], "train: unrecognized arguments: --e 3; did you mean --epochs?"),
+    (["train", "--e", "3"], "train: unrecognized arguments: --e 3; did you mean --epochs"),  # first of several
     (["train", "--epoch=3"], "did you mean --epochs?"),
     (["train", "--batchsize", "8"], "did you mean --batch-size?"),
     (["ckpt", "list", "runs/x", "--js"], "ckpt list: unrecognized arguments: --js; did you mean --json?"),
@@ -72,9 +72,9 @@ def test_launch_refuses_abbreviated_torchrun_options(monkeypatch):
 
 
 def test_one_line_and_exit_2_from_main(capsys):
-    code, out, err = call_cli(["train", "--e", "3"], capsys)
+    code, out, err = call_cli(["train", "--epo", "3"], capsys)
     assert code == 2 and out == ""
-    assert err == "dist-train: error: train: unrecognized arguments: --e 3; did you mean --epochs?\n"
+    assert err == "dist-train: error: train: unrecognized arguments: --epo 3; did you mean --epochs?\n"
 
 
 # --- the launcher does not import the CLI --------------------------------------------------------

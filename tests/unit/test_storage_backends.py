@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -101,11 +102,10 @@ def test_clean_stale_survives_an_older_attempt_still_writing_into_its_staging_fo
     zombie = subprocess.Popen([sys.executable, "-c", _ZOMBIE, str(staging)])
     try:
         wait_for(lambda: staging.exists() and any(staging.iterdir()), 20, what="the zombie writing")
+        deadline = time.monotonic() + 15
         with caplog.at_level(logging.WARNING, logger="dist_train"):
-            for _ in range(500):  # until the race hits (ENOTEMPTY), which used to kill the new attempt
-                clean_stale(storage, 2)
-                if "could not remove" in caplog.text:
-                    break
+            while "could not remove" not in caplog.text and time.monotonic() < deadline:
+                clean_stale(storage, 2)  # until the race hits (ENOTEMPTY), which used to kill the new attempt
     finally:
         zombie.kill()
         zombie.wait()

@@ -1,0 +1,1 @@
+"""Transfer learning through import paths: see model.py."""

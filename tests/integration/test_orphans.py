@@ -1,0 +1,87 @@
+"""No worker outlives its torchrun agent.
+
+torchrun puts every worker in a session of its own, so an agent killed with SIGKILL (the OOM killer,
+`kill -9`, a lost container) used to leave its workers training and committing checkpoints into a run
+dir that the restarted job may already own. A worker now notices its agent is gone and takes the
+preemption path: commit a checkpoint at the next step boundary (or give up at the deadline), exit.
+
+The job is real (plain torchrun, 2 ranks, the CLI with storage hooks): rank 0 is held inside a
+save, the agent is SIGKILLed, the save is released, and every worker must be gone within a deadline,
+leaving only valid checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, base_env, descendants, run_cli, wait_for
+
+HOOKED_CLI = REPO / "tests" / "support" / "hooked_cli.py"
+# The save at step 3 holds at its last data file: model and optimizer files are written, no manifest yet.
+PAUSE_AT = "write:*ckpt-g0001-s0000000003*/trainer.safetensors"
+GONE_MESSAGE = "the torchrun agent (pid"
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to exited (a zombie waits for whoever adopted it to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return str(HOOKED_CLI).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "job.log"
+    paused, release = tmp_path / "paused", tmp_path / "release"
+    env = base_env({"DT_HOOK_PAUSE": PAUSE_AT, "DT_HOOK_PAUSED": str(paused), "DT_HOOK_RELEASE": str(release)})
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(HOOKED_CLI),
+           "train", "--run-dir", str(run_dir), "--epochs", "1000", "--max-steps", "100000", "--checkpoint-every",
+           "1", "--batch-size", "32", "--log-every", "100", "--no-progress", "--preempt-deadline", "60"]
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                 start_new_session=True)
+    workers: list[int] = []
+    try:
+        wait_for(lambda: Path(f"{paused}.0").exists() or agent.poll() is not None, timeout=150,
+                 what="rank 0 to be inside the save of step 3")
+        assert agent.poll() is None, log_path.read_text()[-3000:]
+        workers = [pid for pid in descendants(agent.pid) if _is_worker(pid)]
+        assert len(workers) == 2, (workers, log_path.read_text()[-3000:])
+
+        agent.send_signal(signal.SIGKILL)  # the agent only: its workers live in sessions of their own
+        agent.wait(timeout=10)
+        release.with_name(f"{release.name}.0").touch()  # the save in progress may finish now
+        wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=90, what="every worker to exit")
+    finally:
+        for pid in [agent.pid, *workers]:
+            if (pid == agent.pid or _is_worker(pid)) and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+    output = log_path.read_text()
+    assert output.count(GONE_MESSAGE) == 2 and "Traceback" not in output, output[-3000:]
+
+    verify = run_cli(["ckpt", "verify", str(run_dir)])
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    listed = json.loads(run_cli(["ckpt", "list", str(run_dir), "--json"]).stdout)
+    assert listed and all(row["valid"] for row in listed)
+    steps = [row["step"] for row in listed]
+    assert 3 in steps, steps  # the save that was in progress when the agent died was finished...
+    newest = listed[-1]
+    assert newest["save_reason"] == "preempted" and newest["step"] > 3, listed  # ...then the preemption path
