@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
-from dist_train.errors import EXIT_BAD_INPUT, UserError, exit_now
+from dist_train.errors import EXIT_BAD_INPUT, LocalUserError, UserError, exit_now
 
 
 def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] | None = None,
@@ -74,8 +74,9 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
             configure_logging(env)
             return run_training(cfg, env, code)
     except UserError as exc:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or isinstance(exc, LocalUserError):
             print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        exc.__traceback__ = None  # frees the failed job's DataLoader workers now (see cli/main.py)
         return EXIT_BAD_INPUT
 
 

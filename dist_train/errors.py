@@ -44,3 +44,14 @@ class StorageError(Exception):
 
 class SupersededError(Exception):
     """A newer attempt owns the run dir; this one is fenced out."""
+
+
+class LocalUserError(UserError):
+    """Bad input that one rank found alone (a corrupt file it read): that rank reports it, whatever its
+    rank, and leaves with status 2; its peers, waiting in a collective, are stopped by torchrun."""
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """`text` from a file or a path, safe for a terminal: control characters (escape codes) escaped, cut."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return out if len(out) <= limit else out[:limit - 3] + "..."

@@ -15,13 +15,18 @@ from typing import Any, Callable
 from dist_train.bench.jobs import Workload
 from dist_train.bench.measure import Figure, log
 
-FAMILIES = ("io", "load", "s3", "training", "resume")
+FAMILIES = ("io", "load", "s3", "training", "resume", "sharded")
 # Each family and the figures it produces (so a failed family still reports its keys).
 FIGURES = {"io": [("stall_ratio", "<= 0.05"), ("save_efficiency", ">= 0.80"), ("async_thread_vs_process", "")],
            "load": [("load_ratio", "<= 1.2"), ("load_ratio_old_path", "")],
            "s3": [("s3_efficiency", ">= 0.85")],
            "training": [("trainer_overhead", "<= 1.03"), ("ddp_scaling", ">= 0.85"), ("checkpoint_overhead", "<= 1.035")],
-           "resume": [("resume_ratio", "<= 1.5")]}
+           "resume": [("resume_ratio", "<= 1.5")],
+           "sharded": [("sharded_save_speedup", ">= 1.5"), ("sharded_save_speedup_s3", ""),
+                       ("sharded_vs_dcp_save", ""), ("fsdp_overhead", "")]}
+# The sharded family's own sizes (local state, S3 state, repetitions, timed steps): --quick about a minute.
+SHARDED_SIZES = {"tiny": (4 * 2**20, 2 * 2**20, 1, 2), "quick": (64 * 2**20, 32 * 2**20, 3, 5),
+                 "full": (512 * 2**20, 256 * 2**20, 5, 10)}
 MB = 2**20
 
 
@@ -62,6 +67,10 @@ def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]
     if name == "training":
         from dist_train.bench import training
         return training.run(work_dir, settings.workload, settings.repeats, shared)
+    if name == "sharded":
+        from dist_train.bench import sharded
+        local, remote, repeats, steps = SHARDED_SIZES[settings.name]
+        return sharded.run(work_dir, local, remote, repeats, steps)
     from dist_train.bench import resume
     return resume.run(work_dir, settings.workload, settings.repeats, shared.get("checkpointed_run"))
 

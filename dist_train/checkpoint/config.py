@@ -33,6 +33,10 @@ class CheckpointConfig:
                                     kind=bool)
     verify: str = option("sha256", "how resume checks a checkpoint before loading it", kind=str,
                          choices=("sha256", "size"))
+    local_cache: str | None = option(None, "node-local folder (e.g. /dev/shm/NAME or a local NVMe path) that "
+                                     "also keeps the newest committed checkpoint, for fast restarts", kind=str,
+                                     nullable=True)
+    local_cache_keep: int = option(1, "checkpoints the local cache keeps", kind=int, check=positive)
     strict_fencing: bool = option(False, "refuse a run dir whose store cannot create a file only if absent "
                                   "(e.g. an S3 server that ignores If-None-Match) instead of falling back to "
                                   "best-effort fencing", kind=bool)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import StorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata)
@@ -209,11 +210,8 @@ def load_state(env: DistEnv, folder: Storage, manifest: dict[str, Any], model: t
         with warnings.catch_warnings():  # one process: DCP warns that it runs without a process group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp_load(tensors, storage_reader=reader, no_dist=not env.distributed)
-    except Exception as exc:  # noqa: BLE001 - DCP wraps every rank's failure in one exception
-        text = str(exc)
-        if "Size mismatch" in text:
-            raise UserError(f"checkpoint {folder.url()} does not fit the model: {_first_line(text)}") from None
-        raise
+    except CheckpointException as exc:  # a BaseException holding every failed rank's error
+        raise _unwrap(exc, folder) from None
     for key, value in flat.items():
         if not isinstance(value, torch.Tensor) and key in index.objects:
             set_element(state, mappings[key], index.objects[key])
@@ -247,6 +245,14 @@ def _check_fits(index: CheckpointIndex, flat: dict[str, Any], with_optimizer: bo
                             f"optimizer (no {absent[0][len('optimizer.'):]})")
 
 
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return next((line for line in lines if "Size mismatch" in line), lines[0] if lines else text)[:300]
+def _unwrap(exc: CheckpointException, folder: Storage) -> Exception:
+    """DCP's every-rank exception as the one a caller handles: a damaged file, a misfit, or the first error."""
+    errors = [failure[0] for _, failure in sorted(exc.failures.items())]
+    for error in errors:
+        if isinstance(error, (CheckpointCorrupt, UserError)):
+            return error
+    for error in errors:
+        if isinstance(error, ValueError) and "Size mismatch" in str(error):
+            return UserError(f"checkpoint {folder.url()} does not fit the model: {str(error)[:300]}")
+    first = errors[0] if errors else exc
+    return RuntimeError(f"loading {folder.url()} failed: {type(first).__name__}: {first}")

@@ -280,6 +280,17 @@ def iter_full(index: CheckpointIndex, entry: str = "model") -> Iterator[tuple[st
         yield key[prefix:], full_tensor(index, key)
 
 
+def read_full_model(folder: Storage, manifest: dict[str, Any], verify_sha: bool = True) -> dict[str, torch.Tensor]:
+    """The model's whole state_dict from a checkpoint of either layout, in one process (inference,
+    export). `verify_sha` checks the model files first; FormatError/ValueError name a damaged file."""
+    index = build_index(folder, manifest, entries=("model",))
+    if verify_sha:
+        problem = verify_share(folder, manifest, names=index.files)
+        if problem:
+            raise FormatError(problem)
+    return dict(iter_full(index))
+
+
 # -- integrity ------------------------------------------------------------------------------------
 
 def verify_share(folder: Storage, manifest: dict[str, Any], rank: int = 0, world_size: int = 1,
@@ -303,5 +314,5 @@ def verify_share(folder: Storage, manifest: dict[str, Any], rank: int = 0, world
     return None
 
 
-__all__ = ["CheckpointIndex", "Chunk", "TensorInfo", "build_index", "full_tensor", "iter_full", "read_region",
-           "verify_share", "read_range", "read_header"]
+__all__ = ["CheckpointIndex", "Chunk", "TensorInfo", "build_index", "full_tensor", "iter_full", "read_full_model",
+           "read_region", "verify_share", "read_range", "read_header"]

@@ -34,6 +34,7 @@ from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint import resolver
 from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.fencing import AttemptRegistry, new_writer_id
+from dist_train.checkpoint.local_cache import LocalCache
 from dist_train.checkpoint.retention import RetentionPolicy
 from dist_train.checkpoint.saver import Checkpointer
 from dist_train.checkpoint.state import (MODEL, CorruptCheckpoint, Payload, Snapshot, SnapshotBuffers, read_payload,
@@ -98,7 +99,7 @@ class CheckpointManager:
                  storage_options: dict | None = None, *, keep_best: int | None = None,
                  keep_every: int | None = None, verify: str = "sha256", env: DistEnv | None = None,
                  max_consecutive_failures: int = 3, on_commit: Callable[[Committed], None] | None = None,
-                 strict_fencing: bool = False):
+                 strict_fencing: bool = False, local_cache: str | None = None, local_cache_keep: int = 1):
         if keep_last is not None and keep_last < 1:
             raise UserError(f"keep_last must be >= 1, got {keep_last}")
         if verify not in ("sha256", "size"):
@@ -120,6 +121,8 @@ class CheckpointManager:
         self._saver: Checkpointer | None = None
         self._buffers = SnapshotBuffers()
         self._resumed_step: int | None = None
+        self.cache = LocalCache(local_cache, self.storage.display_url, local_cache_keep) if local_cache else None
+        self.restored_from_cache = False
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -186,7 +189,9 @@ class CheckpointManager:
             url, manifest = candidate
             problem, payload = None, None
             try:
-                payload = read_payload(Storage(url, self.options), manifest, verify_sha=self.verify == "sha256")
+                payload = self._read_cached(url, manifest)
+                if payload is None:
+                    payload = read_payload(Storage(url, self.options), manifest, verify_sha=self.verify == "sha256")
             except CorruptCheckpoint as exc:
                 problem = str(exc)
             except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
@@ -200,6 +205,22 @@ class CheckpointManager:
                 env.agree(f"--resume {url} is not a valid checkpoint: {problems[0]}")
             if env.is_rank0:
                 resolver.log_skip(catalog.Verdict(catalog.CheckpointRef(0, 0, url), url, False, problems[0]))
+
+    def _read_cached(self, url: str, manifest: dict[str, Any]) -> Payload | None:
+        """This node's cached copy of the chosen checkpoint, verified while read; None: read the run dir."""
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        folder = self.cache.lookup(name, manifest) if self.cache is not None else None
+        if folder is None:
+            return None
+        try:
+            payload = read_payload(folder, manifest, verify_sha=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is ignored, never trusted
+            log.warning("local cache: ignored %s (%s); reading the run dir", name, describe_error(exc))
+            self.cache.discard(name)
+            return None
+        log.info("resuming from the local cache %s (same manifest as %s)", folder.display_url, url)
+        self.restored_from_cache = True
+        return payload
 
     def _locate(self, source: str) -> resolver.Located | None:
         if source in ("auto", "never"):
@@ -292,7 +313,9 @@ class CheckpointManager:
         """Call `listener(committed)` on rank 0 after each commit (from the writer thread when async)."""
         self._listeners.append(listener)
 
-    def _committed(self, committed: Committed) -> None:
+    def _committed(self, committed: Committed, snap: Snapshot) -> None:
+        if self.cache is not None:
+            self.cache.store(committed.name, committed.manifest, snap.files())
         for listener in list(self._listeners):
             listener(committed)
 

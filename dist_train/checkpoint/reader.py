@@ -274,12 +274,14 @@ def read_files(folder: Storage, manifest: dict[str, Any], names: Sequence[str], 
     """
     per_file = _concurrency(folder, concurrency)
     files = manifest.get("files") or {}
-    with cf.ThreadPoolExecutor(per_file * len(names) or 1, thread_name_prefix="ckpt-read") as pool, \
-            cf.ThreadPoolExecutor(len(names) or 1, thread_name_prefix="ckpt-file") as hashers:
+    with cf.ThreadPoolExecutor(max(1, (per_file - 1) * len(names)), thread_name_prefix="ckpt-read") as pool:
         reader = _Reader(pool, per_file, range_size)
-        futures = [hashers.submit(reader.load, folder, files.get(name), name, verify_sha, name in trees)
-                   for name in names]
-        cf.wait(futures)
+        if len(names) == 1:
+            return {names[0]: reader.load(folder, files.get(names[0]), names[0], verify_sha, names[0] in trees)}
+        with cf.ThreadPoolExecutor(len(names), thread_name_prefix="ckpt-file") as hashers:
+            futures = [hashers.submit(reader.load, folder, files.get(name), name, verify_sha, name in trees)
+                       for name in names]
+            cf.wait(futures)
     for future in futures:
         if future.exception() is not None:
             raise future.exception()  # type: ignore[misc]

@@ -41,7 +41,7 @@ SnapshotFn = Callable[[list[dict[str, Any]], bool], Snapshot]
 class Checkpointer:
     def __init__(self, env: DistEnv, storage: Storage, writer: CheckpointWriter | None, policy: RetentionPolicy,
                  async_mode: bool, max_consecutive_failures: int = 3,
-                 on_commit: Callable[[Committed], None] | None = None):
+                 on_commit: Callable[[Committed, Snapshot], None] | None = None):
         self.env = env
         self.storage = storage
         self.writer = writer
@@ -170,7 +170,7 @@ class Checkpointer:
         log.info("committed %s (step %d, %.1f MB, %.2fs)", committed.url, snap.step,
                  sum(f["size"] for f in committed.manifest["files"].values()) / 1e6, time.perf_counter() - started)
         if self.on_commit:
-            self.on_commit(committed)
+            self.on_commit(committed, snap)
         self._apply_retention()
 
     def _apply_retention(self) -> None:

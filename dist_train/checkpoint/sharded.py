@@ -26,12 +26,14 @@ Who writes what (no two ranks write the same bytes; every rank about 1/N):
   the same assignment without talking.
 
 The commit (`ShardedSaver.commit`, collective): rank 0 opens the folder (writer.begin) and
-broadcasts it; every rank writes and hashes its files in parallel; rank 0 gathers every
+broadcasts it; every rank writes and hashes its files in parallel while the model digest
+streams to rank 0 one tensor at a time (each rank sends its pieces); rank 0 gathers every
 rank's file table; if any rank failed, rank 0 removes the folder with every rank's partial
-files (writer.abort) and every rank raises; otherwise the model digest is streamed to rank 0
-one tensor at a time and rank 0 commits the manifest (writer.finish: fence check, then
-rename or conditional PUT). The collectives run on a gloo group of their own, so a commit
-can run in a background thread on every rank while training goes on.
+files (writer.abort) and every rank raises; otherwise rank 0 commits the manifest
+(writer.finish: fence check, then rename or conditional PUT). The collectives run on a gloo
+group of their own, so a commit can run in a background thread on every rank while training
+goes on (the training thread must not change the snapshot's tensors meanwhile: take it with
+`copy=True` for that).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Piece:
     tensor: torch.Tensor          # CPU, contiguous
     offsets: tuple[int, ...]
     global_shape: tuple[int, ...]
+    sharded: bool = False         # a DTensor shard (else a whole replicated tensor)
 
     @property
     def whole(self) -> bool:
@@ -96,11 +99,15 @@ class ShardSnapshot:
     world_size: int
     pieces: dict[str, list[Piece]]                                      # entry -> pieces, sorted by key
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)    # entry -> key -> JSON skeleton
+    # rank 0: the model's whole (replicated) tensors, for the digest without sending them
+    model_replicas: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes of tensor data this rank holds for the save (the bounded-memory claim)."""
-        return sum(p.tensor.numel() * p.tensor.element_size() for pieces in self.pieces.values() for p in pieces)
+        held = {id(p.tensor): p.tensor for pieces in self.pieces.values() for p in pieces}
+        held.update({id(t): t for t in self.model_replicas.values()})
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     def files(self) -> dict[str, TensorFile]:
         out = {}
@@ -117,9 +124,13 @@ class ShardSnapshot:
         return out
 
     def model_layout(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...], str, tuple[int, ...]]]:
-        """(key, offsets, sizes, dtype, global shape) of this rank's model pieces, in send order."""
+        """(key, offsets, sizes, dtype, global shape) of this rank's model shards, in send order
+        (whole replicated tensors are digested from rank 0's own copy, never sent)."""
         return [(p.key, p.offsets, tuple(p.tensor.shape), str(p.tensor.dtype), p.global_shape)
-                for p in self.pieces.get("model", [])]
+                for p in self.sent_pieces()]
+
+    def sent_pieces(self) -> list[Piece]:
+        return [p for p in self.pieces.get("model", []) if p.sharded]
 
 
 # -- splitting a state into this rank's share ----------------------------------------------------
@@ -214,7 +225,7 @@ def take_share(state: dict[str, Any], rank: int, world_size: int, step: int, pin
                 continue
             chunk = value.__create_chunk_list__()[0]
             pieces.setdefault(entry, []).append(
-                Piece(key, cpu(flat_key, local), tuple(chunk.offsets), tuple(value.shape)))
+                Piece(key, cpu(flat_key, local), tuple(chunk.offsets), tuple(value.shape), sharded=True))
         elif isinstance(value, torch.Tensor):
             replicated[flat_key] = value
         elif rank == 0:
@@ -223,14 +234,19 @@ def take_share(state: dict[str, Any], rank: int, world_size: int, step: int, pin
             objects.setdefault(entry, {})[key] = skeleton
     sizes = {k: t.numel() * t.element_size() for k, t in replicated.items()}
     owners = assign_owners(sizes, world_size, pinned)
+    replicas: dict[str, torch.Tensor] = {}
     for flat_key, tensor in replicated.items():
+        entry, key = _split_key(flat_key)
+        if owners[flat_key] == rank or (rank == 0 and entry == "model"):
+            tensor = cpu(flat_key, tensor)
         if owners[flat_key] == rank:
-            entry, key = _split_key(flat_key)
             shape = tuple(tensor.shape)
-            pieces.setdefault(entry, []).append(Piece(key, cpu(flat_key, tensor), (0,) * len(shape), shape))
+            pieces.setdefault(entry, []).append(Piece(key, tensor, (0,) * len(shape), shape))
+        if rank == 0 and entry == "model":
+            replicas[key] = tensor
     for entry_pieces in pieces.values():
         entry_pieces.sort(key=lambda p: (p.key, p.offsets))
-    return ShardSnapshot(step, rank, world_size, pieces, objects)
+    return ShardSnapshot(step, rank, world_size, pieces, objects, replicas)
 
 
 # -- the collective commit ------------------------------------------------------------------------
@@ -252,9 +268,12 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _digest_plan(layouts: list[list[tuple]] | None) -> dict[str, dict[str, Any]]:
+def _digest_plan(layouts: list[list[tuple]] | None, replicas: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Rank 0: every model tensor's dtype, shape and pieces (offsets, sizes, rank), checked to cover it."""
     tensors: dict[str, dict[str, Any]] = {}
+    for key, tensor in replicas.items():
+        shape = tuple(tensor.shape)
+        tensors[key] = {"dtype": tensor.dtype, "shape": shape, "chunks": [((0,) * len(shape), shape, 0)]}
     for rank, layout in enumerate(layouts or []):
         for key, offsets, sizes, dtype, shape in layout:
             info = tensors.setdefault(key, {"dtype": _dtype(dtype), "shape": tuple(shape), "chunks": []})
@@ -322,7 +341,7 @@ class ShardedSaver:
         folder, error, tensors = None, None, None
         if env.is_rank0:
             try:
-                tensors = _digest_plan(layouts)
+                tensors = _digest_plan(layouts, snap.model_replicas)
                 folder = self.writer.begin(snap.step)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it
                 error = exc
@@ -396,11 +415,12 @@ class ShardedSaver:
         the model in key order; rank 0 feeds row blocks straight into sha256 and assembles (one
         tensor at a time) only pieces that are not whole row blocks."""
         if not self.env.is_rank0:
-            for piece in snap.pieces.get("model", []):
+            for piece in snap.sent_pieces():
                 if piece.tensor.numel():
                     dist.send(_as_bytes(piece.tensor), dst=0, group=self.group)
             return None
-        own = {(p.key, p.offsets): p.tensor for p in snap.pieces.get("model", [])}
+        own = {(p.key, p.offsets): p.tensor for p in snap.sent_pieces()}
+        own.update({(key, (0,) * tensor.dim()): tensor for key, tensor in snap.model_replicas.items()})
         digest = hashlib.sha256()
         for key in sorted(tensors or {}):
             info = tensors[key]

@@ -3,6 +3,7 @@
 `--checkpoint` is a checkpoint folder or a run dir (its newest valid checkpoint).
 Only the model file is read, and its sha256 is checked while reading.
 `evaluate` also runs under torchrun and then reports the exact global numbers.
+`predict` exits 1 when some inputs could not be read (the rest are predicted), 2 when none could.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ def register(commands) -> None:
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     sub.set_defaults(handler=cmd_evaluate)
 
-    sub = commands.add_parser("export", help="the model's state_dict as .safetensors or .pt, for deployment",
-                              description="Write the model's weights alone to OUT (.safetensors or .pt), "
-                                          "with OUT.json (model spec, class names) and OUT.README.md "
-                                          "(how to load it).")
+    sub = commands.add_parser("export", help="the model's weights (.safetensors/.pt) or a TorchScript, ONNX or "
+                                             "torch.export graph, for deployment",
+                              description="Write the model to OUT: its weights (.safetensors or .pt; a "
+                                          "torchvision backbone's under torchvision's own keys) or, with "
+                                          "--format, a graph. Beside it go OUT.json (model spec, class names, "
+                                          "preprocessing) and OUT.README.md (how to load and run it).")
     common(sub)
-    sub.add_argument("--out", required=True, metavar="FILE", help="a .safetensors or .pt file")
+    sub.add_argument("--out", required=True, metavar="FILE",
+                     help="the file to write: .safetensors or .pt (weights), .onnx, .pt2, or any with --format")
+    sub.add_argument("--format", choices=("weights", "torchscript", "onnx", "exported-program"),
+                     help="default: weights, .onnx -> onnx, .pt2 -> exported-program (torch.export)")
     sub.add_argument("--force", action="store_true", help="overwrite OUT and its side files")
     sub.set_defaults(handler=cmd_export)
 
@@ -83,28 +89,39 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from dist_train.errors import EXIT_BAD_INPUT, EXIT_FAILURE
     from dist_train.inference.loading import load_model, pick_device, rebuild_data
-    from dist_train.inference.predict import find_images, format_predictions, predict_files, predict_samples
+    from dist_train.inference.predict import (file_inputs, find_images, format_predictions, predict_files,
+                                              predict_samples)
 
     _positive(args, "top_k", "samples", "batch_size")
     _quiet_logging()
     files = find_images(args.inputs)
     loaded = load_model(args.checkpoint, _options(args), args.model, pick_device(args.device))
-    bundle = rebuild_data(loaded, args.data_root)
     batch_size = args.batch_size or 64
+    failures = []
     if files:
-        predictions = predict_files(loaded, files, bundle.eval_transform, args.top_k, batch_size)
+        inputs = file_inputs(loaded, lambda: rebuild_data(loaded, args.data_root))
+        predictions, failures = predict_files(loaded, files, inputs, args.top_k, batch_size)
     else:
-        predictions = predict_samples(loaded, bundle.val, args.samples, args.top_k, "val", batch_size)
+        predictions = predict_samples(loaded, rebuild_data(loaded, args.data_root).val, args.samples, args.top_k,
+                                      "val", batch_size)
+    for failure in failures:
+        print(f"dist-train: error: {failure.reason}", file=sys.stderr)
+    if files and not predictions:
+        return EXIT_BAD_INPUT  # nothing could be read: each file said why, on its own line
     names = loaded.class_names
     if args.json:
-        print(json.dumps({"checkpoint": loaded.url, "step": loaded.step, "model": loaded.spec.name,
-                          "predictions": [p.as_dict(names) for p in predictions]}, indent=1))
-        return 0
-    print(f"checkpoint {loaded.url} (step {loaded.step}, {loaded.spec.name}, {len(names)} classes)")
-    for line in format_predictions(predictions, names):
-        print(line)
-    return 0
+        report = {"checkpoint": loaded.url, "step": loaded.step, "model": loaded.spec.name,
+                  "predictions": [p.as_dict(names) for p in predictions]}
+        if failures:
+            report["failed"] = [{"input": f.source, "error": f.reason} for f in failures]
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"checkpoint {loaded.url} (step {loaded.step}, {loaded.spec.name}, {len(names)} classes)")
+        for line in format_predictions(predictions, names):
+            print(line)
+    return EXIT_FAILURE if failures else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -138,14 +155,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dist_train.inference.export import check_targets, export_model
+    from dist_train.inference.export import check_targets, export_format, export_model
     from dist_train.inference.loading import load_model
 
-    check_targets(args.out, args.force)  # before reading anything: a refused export costs nothing
+    check_targets(args.out, args.force, args.format)  # before reading anything: a refused export costs nothing
     _quiet_logging()
     loaded = load_model(args.checkpoint, _options(args), args.model)
-    written = export_model(loaded, args.out, args.force)
-    print(f"exported {loaded.spec.name} weights of {loaded.url} (step {loaded.step})")
+    written = export_model(loaded, args.out, args.force, args.format)
+    print(f"exported {loaded.spec.name} of {loaded.url} (step {loaded.step}) as {export_format(args.out, args.format)}")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -18,7 +18,7 @@ import select
 import sys
 
 from dist_train.cli.parsing import Parser, subparsers
-from dist_train.errors import EXIT_BAD_INPUT, UserError, exit_now
+from dist_train.errors import EXIT_BAD_INPUT, LocalUserError, UserError, exit_now
 
 COMMANDS = ("train", "ckpt", "predict", "evaluate", "export", "report", "bench", "launch")
 # 128 + SIGPIPE: stdout was a pipe whose reader left.
@@ -45,9 +45,12 @@ def _command(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         return int(args.handler(args) or 0)
     except UserError as exc:
-        if _is_rank0():
+        if _is_rank0() or isinstance(exc, LocalUserError):  # found by this rank alone: nobody else says it
             message = " ".join(str(exc).split())
             print(f"dist-train: error: {message}", file=sys.stderr, flush=True)
+        # The traceback (never shown) keeps what the failed job held alive in a reference cycle until exit,
+        # DataLoader iterators among it; their workers ignore SIGTERM, so the exit would wait for them forever.
+        exc.__traceback__ = None
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dist_train.data.config import DataConfig
-from dist_train.data.transforms import (IMAGENET_STATS, TORCHVISION_STATS, eval_image_transform,
-                                        grayscale_transform, tensor_transform, train_image_transform)
-from dist_train.errors import UserError
+from dist_train.data.transforms import (IMAGENET_STATS, TORCHVISION_STATS, eval_transform, preprocessing_record,
+                                        tensor_record, tensor_transform, train_image_transform)
+from dist_train.errors import LocalUserError, UserError, printable
 from dist_train.determinism import generator
 
 
@@ -119,9 +119,11 @@ def digits(cfg: DataConfig, seed: int) -> DataBundle:
     images = _resize((images - mean) / std, cfg.image_size)
     augment = tensor_transform(images.shape[-1]) if cfg.augment else None
     size = images.shape[-1]
+    record = digits_record(size, mean, std)
     return DataBundle(TensorImages(images, labels, train_idx, augment), TensorImages(images, labels, val_idx),
-                      TensorImages(images, labels, test_idx), 10, 1, size, [str(d) for d in range(10)],
-                      eval_transform=grayscale_transform(size, mean, std), info={"mean": mean, "std": std})
+                      TensorImages(images, labels, test_idx), 10, 1, size, record["class_names"],
+                      eval_transform=eval_transform(record),
+                      info={"mean": mean, "std": std, "preprocessing": record})
 
 
 def synthetic(cfg: DataConfig, seed: int) -> DataBundle:
@@ -133,10 +135,12 @@ def synthetic(cfg: DataConfig, seed: int) -> DataBundle:
     if n_train <= 0:
         raise UserError("synthetic_size is too small for the val/test fractions")
     k = cfg.synthetic_classes
+    names = [str(i) for i in range(k)]
+    record = tensor_record((c, h, w), names, "random tensors made by the data set itself; no image files")
     return DataBundle(SyntheticImages(n_train, (c, h, w), k, seed, 0),
                       SyntheticImages(n_val, (c, h, w), k, seed, n_train),
                       SyntheticImages(n_test, (c, h, w), k, seed, n_train + n_val),
-                      k, c, h, [str(i) for i in range(k)])
+                      k, c, h, names, info={"preprocessing": record})
 
 
 _TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
@@ -155,47 +159,135 @@ def torchvision_dataset(cfg: DataConfig, seed: int) -> DataBundle:
         raise UserError(f"data set {cfg.dataset} not found under {cfg.data_root} ({exc}); "
                         "pass --download to fetch it") from None
     mean, std = TORCHVISION_STATS[cfg.dataset]
-    native = 32 if cfg.dataset == "cifar10" else 28
+    native = NATIVE_SIZES[cfg.dataset]
     size = cfg.image_size or native
-    channels = 3 if cfg.dataset == "cifar10" else 1
+    classes = [str(c) for c in train_base.classes]
+    record = torchvision_record(cfg.dataset, size, classes)
     train_tf = train_image_transform(size, mean, std, cfg.augment, native=native, flip=cfg.dataset == "cifar10")
-    eval_tf = eval_image_transform(size, mean, std, native=native)
+    eval_tf = eval_transform(record)
     n = len(train_base)
     train_idx, val_idx, _ = split_indices(n, cfg.val_fraction, 0.0, seed)
     return DataBundle(Subset(train_base, train_idx, train_tf), Subset(train_base, val_idx, eval_tf),
-                      Subset(test_base, range(len(test_base)), eval_tf), len(train_base.classes), channels, size,
-                      [str(c) for c in train_base.classes], eval_transform=eval_tf)
+                      Subset(test_base, range(len(test_base)), eval_tf), len(classes), record["channels"], size,
+                      classes, eval_transform=eval_tf, info={"preprocessing": record})
 
 
 def image_folder(cfg: DataConfig, seed: int) -> DataBundle:
     """One sub-folder per class; `train/` + `val/` (+ `test/`) sub-folders are used when present."""
-    from torchvision.datasets import ImageFolder
-
     root = cfg.data_root
     size = cfg.image_size or 224
     mean, std = IMAGENET_STATS
     train_tf = train_image_transform(size, mean, std, cfg.augment)
-    eval_tf = eval_image_transform(size, mean, std)
     try:
         if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
-            train_base = ImageFolder(os.path.join(root, "train"))
-            val_base = ImageFolder(os.path.join(root, "val"))
+            train_base = _image_folder(os.path.join(root, "train"))
+            val_base = _image_folder(os.path.join(root, "val"))
             test_dir = os.path.join(root, "test")
-            test_base = ImageFolder(test_dir) if os.path.isdir(test_dir) else None
+            test_base = _image_folder(test_dir) if os.path.isdir(test_dir) else None
             if val_base.classes != train_base.classes:
                 raise UserError(f"image folder {root}: train/ and val/ have different class folders")
+            classes = train_base.classes
+            eval_tf = eval_transform(image_folder_record(size, classes))
             train = Subset(train_base, range(len(train_base)), train_tf)
             val = Subset(val_base, range(len(val_base)), eval_tf)
             test = Subset(test_base, range(len(test_base)), eval_tf) if test_base is not None else None
-            classes = train_base.classes
         else:
-            base = ImageFolder(root)
+            base = _image_folder(root)
+            classes = base.classes
+            eval_tf = eval_transform(image_folder_record(size, classes))
             train_idx, val_idx, test_idx = split_indices(len(base), cfg.val_fraction, cfg.test_fraction, seed)
             train, val, test = Subset(base, train_idx, train_tf), Subset(base, val_idx, eval_tf), \
                 Subset(base, test_idx, eval_tf)
-            classes = base.classes
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"image folder {root}: {exc}") from None
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"image folder {root}: too few images for a train/val split")
-    return DataBundle(train, val, test, len(classes), 3, size, list(classes), eval_transform=eval_tf)
+    return DataBundle(train, val, test, len(classes), 3, size, list(classes), eval_transform=eval_tf,
+                      info={"preprocessing": image_folder_record(size, classes)})
+
+
+def _image_folder(path: str):
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(path, loader=read_image)
+
+
+# -- what each built-in data set records about its preprocessing ----------------------------
+
+NATIVE_SIZES = {"mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+DIGITS_NOTE = ("8x8 images of bright ink on a dark background (scikit-learn's digits); "
+               "invert a scan of dark ink on white paper first")
+
+
+def digits_record(size: int, mean: float, std: float) -> dict[str, Any]:
+    return preprocessing_record("L", size, [mean], [std], [size, size], None, [str(d) for d in range(10)],
+                                note=DIGITS_NOTE)
+
+
+def torchvision_record(dataset: str, size: int, class_names: Sequence[str] | None) -> dict[str, Any]:
+    mean, std = TORCHVISION_STATS[dataset]
+    return preprocessing_record("RGB" if dataset == "cifar10" else "L", size, mean, std, [size, size], None,
+                                class_names)
+
+
+def image_folder_record(size: int, class_names: Sequence[str] | None) -> dict[str, Any]:
+    """ImageNet's evaluation recipe scaled to the image size: shorter side to 8/7 of it, centre crop."""
+    mean, std = IMAGENET_STATS
+    return preprocessing_record("RGB", size, mean, std, int(round(size * 8 / 7)), size, class_names)
+
+
+def builtin_record(dataset: str, info: dict[str, Any], shape: dict[str, Any],
+                   class_names: Sequence[str] | None) -> dict[str, Any] | None:
+    """The preprocessing of a checkpoint written before records existed, from what its manifest holds."""
+    size = shape.get("image_size")
+    if not isinstance(size, int):
+        return None
+    if dataset == "digits" and isinstance(info.get("mean"), (int, float)) and isinstance(info.get("std"), (int, float)):
+        return digits_record(size, info["mean"], info["std"])
+    if dataset in TORCHVISION_STATS:
+        return torchvision_record(dataset, size, class_names)
+    if dataset == "image_folder":
+        return image_folder_record(size, class_names)
+    return None
+
+
+# -- image files ---------------------------------------------------------------------------
+
+class UnreadableImage(LocalUserError):
+    """An image file that cannot be decoded: the same again on a retry, so bad input (exit 2).
+
+    Raised inside a DataLoader worker, torch re-raises it in the training process as
+    `UnreadableImage(text)` where the text is the worker's whole traceback; the
+    constructor keeps the original one-line message of its last line.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(_worker_message(message, type(self).__name__))
+
+
+def _worker_message(message: str, name: str) -> str:
+    if "Original Traceback" not in message:
+        return message
+    for line in reversed(message.strip().splitlines()):
+        head, sep, rest = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name:
+            return rest
+    return message.strip().splitlines()[-1]
+
+
+def read_image(path: str, mode: str = "RGB"):
+    """A PIL image in `mode`, fully decoded (a truncated file fails here, not later in a transform)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert(mode)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image Pillow can decode"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = printable(" ".join(str(exc).split())) or type(exc).__name__
+        raise UnreadableImage(f"cannot read image {printable(path, 300)}: {reason}") from None

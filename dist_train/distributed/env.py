@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -187,8 +188,52 @@ def distributed(device: str = "auto") -> Iterator[DistEnv]:
     env = init_distributed(device)
     try:
         yield env
+    except Exception as exc:
+        if env.distributed and peer_lost(exc):
+            leave_after_lost_peer(env, exc)
+        raise
     finally:
         teardown(env)
+
+
+PEER_LOST = ("closed by peer", "reset by peer", "Broken pipe", "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank's process is gone (it failed first, or was killed)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text) and any(p in text for p in PEER_LOST)
+
+
+def leave_after_lost_peer(env: DistEnv, exc: BaseException) -> None:
+    """Stop the way torchrun stops the survivors of a failed worker: by SIGTERM, with one line, no traceback.
+
+    Once one worker exits (a rank that found bad input alone exits 2), torch's agent terminates
+    the others; but a peer waiting in a collective sees the closed connection first and would
+    crash with a traceback and exit 1, and the launcher would report a crash instead of the
+    first worker's status. Dying of the agent's signal ourselves makes the outcome the same
+    whichever comes first. Only under torch's elastic agent (which stops the rest anyway).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+    import time
+
+    from dist_train.errors import exit_now, printable
+
+    detail = " ".join(str(exc).split())
+    detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail  # gloo's source line
+    log.error("stopping: another rank's process is gone (its own error is above): %s", printable(detail, 100))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not keep us here
+            pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the signal is delivered at once; this is not reached unless SIGTERM is blocked
+    exit_now(1)
 
 
 def configure_logging(env: DistEnv, level: int = logging.INFO) -> None:

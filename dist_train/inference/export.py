@@ -1,37 +1,63 @@
-"""Shipping a checkpoint's weights: the model's state_dict alone, plus what deployment needs to rebuild it.
+"""Shipping a checkpoint's model: its weights alone, or a self-contained graph, plus what deployment needs.
 
-`OUT` is `.safetensors` (for `safetensors.torch.load_file`) or `.pt` (a plain dict of tensors that
-`torch.load(weights_only=True)` reads). Beside it go `OUT.json` (the `ModelSpec`,
-class names, digest and provenance) and `OUT.README.md` (a snippet that loads the
-file into the model class). Nothing is overwritten without `force`, and every file
-is written under a temporary name and renamed into place, so a failure leaves no
-half-written export behind.
+Formats (`--format`, or from the file name):
+
+- weights: `.safetensors` (`safetensors.torch.load_file`) or `.pt`/`.pth` (a plain dict of
+  tensors for `torch.load(weights_only=True)`). A torchvision backbone's weights carry
+  torchvision's own keys, so the tutorial code loads them into the plain torchvision model
+  (`m = torchvision.models.resnet18(); m.fc = nn.Linear(512, 3); m.load_state_dict(...)`);
+  other models keep their state_dict keys.
+- `torchscript` (`torch.jit.script`, or `torch.jit.trace` when scripting fails),
+  `exported-program` (`torch.export`, saved with `torch.export.save`, conventionally `.pt2`),
+  `onnx` (`torch.onnx.export`'s dynamo exporter; needs the `onnx` extra). The batch
+  dimension is dynamic; inputs are preprocessed float tensors (N, C, H, W), outputs logits.
+
+Beside `OUT` go `OUT.json` (the `ModelSpec`, class names, digests, the preprocessing record,
+the input shape, provenance) and `OUT.README.md` (a runnable snippet that preprocesses an
+image and runs the file). Nothing is overwritten without `force`; every file is written
+under a temporary name and renamed into place, so a failure leaves no half-written export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import secrets
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 
 import dist_train
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.serialization import tensor_file
-from dist_train.errors import UserError
+from dist_train.errors import UserError, printable
 from dist_train.inference.loading import LoadedModel
+from dist_train.models.backbones import TransferModel
 
-FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
+WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt"}
+GRAPH_FORMATS = ("torchscript", "onnx", "exported-program")
+FORMAT_CHOICES = ("weights", *GRAPH_FORMATS)
+ONNX_HINT = "pip install 'dist_train[onnx]'"
 
 
-def export_format(out: str) -> str:
+def export_format(out: str, fmt: str | None = None) -> str:
+    """The file format: `safetensors`, `pt`, or one of GRAPH_FORMATS."""
     ext = os.path.splitext(out)[1].lower()
-    if ext not in FORMATS:
-        raise UserError(f"--out {out}: the file name must end in .safetensors or .pt")
-    return FORMATS[ext]
+    if fmt in GRAPH_FORMATS:
+        return fmt
+    if fmt not in (None, "weights"):
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMAT_CHOICES)}")
+    if ext in WEIGHT_SUFFIXES:
+        return WEIGHT_SUFFIXES[ext]
+    if fmt is None and ext == ".onnx":
+        return "onnx"
+    if fmt is None and ext == ".pt2":
+        return "exported-program"
+    raise UserError(f"--out {out}: weights go to a file ending in .safetensors or .pt; for a graph pass "
+                    "--format torchscript|onnx|exported-program (or name the file .onnx or .pt2)")
 
 
 def sidecars(out: str) -> tuple[str, str]:
@@ -39,8 +65,16 @@ def sidecars(out: str) -> tuple[str, str]:
 
 
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict as detached, contiguous CPU tensors: what both file formats store."""
+    """The state_dict as detached, contiguous CPU tensors: what both weight formats store."""
     return {key: tensor.detach().to("cpu").contiguous() for key, tensor in model.state_dict().items()}
+
+
+def deployable_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights a user loads, and whose keys they carry: torchvision's for a backbone, else the model's."""
+    if isinstance(model, TransferModel):
+        state = model.torchvision_state_dict()
+        return {key: tensor.detach().to("cpu").contiguous() for key, tensor in state.items()}, "torchvision"
+    return plain_state_dict(model), "model"
 
 
 def _encode(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]) -> bytes:
@@ -52,64 +86,203 @@ def _encode(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]) 
     return buffer.getvalue()
 
 
-def _describe(loaded: LoadedModel, fmt: str, filename: str, digest: str) -> dict[str, Any]:
+# -- graphs ----------------------------------------------------------------------------------
+
+def input_shape(loaded: LoadedModel, preprocessing: dict[str, Any] | None) -> list[int]:
+    """(C, H, W) of one input: from the model spec, or the data set's tensor shape."""
+    channels, size = loaded.spec.in_channels, loaded.spec.image_size
+    if isinstance(channels, int) and isinstance(size, int):
+        return [channels, size, size]
+    shape = (preprocessing or {}).get("shape")
+    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
+        return shape
+    raise UserError(f"cannot export {loaded.spec.name} as a graph: its input shape is unknown (the data set "
+                    "reported no in_channels and image_size); export the weights instead")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.jit's deprecation notices and torch.onnx's progress lines are not ours to print."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+    with _quiet():
+        try:
+            compiled, how = torch.jit.script(model), "script"
+        except Exception:  # noqa: BLE001 - not scriptable (a user's model): tracing records the ops it runs
+            compiled, how = torch.jit.trace(model, example, check_trace=False), "trace"
+        torch.jit.save(compiled, path)
+    return {"torchscript": how}
+
+
+def _exported_program(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+    program = _export(model, example)
+    with _quiet():
+        torch.export.save(program, path)
+    return {}
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor):
+    try:
+        with _quiet():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as exc:  # noqa: BLE001 - a model torch.export cannot capture
+        raise UserError(f"torch.export cannot capture this model: {printable(' '.join(str(exc).split()))}") from None
+
+
+def _onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--format onnx needs the {exc.name} package: {ONNX_HINT}") from None
+    try:
+        with _quiet():
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, verbose=False,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as exc:  # noqa: BLE001 - an operator ONNX has no translation for
+        raise UserError(f"ONNX export failed: {printable(' '.join(str(exc).split()))}") from None
+    return {"onnx": {"input": "input", "output": "logits"}}
+
+
+GRAPH_WRITERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, str], dict[str, Any]]] = {
+    "torchscript": _torchscript, "exported-program": _exported_program, "onnx": _onnx}
+
+
+# -- side files ------------------------------------------------------------------------------
+
+def _describe(loaded: LoadedModel, fmt: str, filename: str, digest: str, preprocessing: dict[str, Any] | None,
+              extra: dict[str, Any]) -> dict[str, Any]:
     manifest = loaded.manifest
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    return {"file": filename, "format": fmt, "model": loaded.spec.as_dict(), "class_names": loaded.class_names,
-            "model_digest": digest,
+    info = {"file": filename, "format": fmt, "model": loaded.spec.as_dict(), "class_names": loaded.class_names,
+            "model_digest": digest, "preprocessing": preprocessing,
             "data": {"dataset": data.get("dataset"), "image_size": loaded.spec.image_size,
                      "in_channels": loaded.spec.in_channels, "info": manifest.get("data_info") or {}},
             "source": {"checkpoint": loaded.url, "step": loaded.step, "epoch": manifest.get("epoch"),
                        "created_at": manifest.get("created_at")},
-            "dist_train_version": dist_train.__version__}
+            "dist_train_version": dist_train.__version__, "torch_version": torch.__version__}
+    info.update(extra)
+    return info
+
+
+def _torchvision_head(loaded: LoadedModel) -> str:
+    """The tutorial's line that gives the plain torchvision model this model's head."""
+    net = loaded.model.net
+    path = loaded.model.head_name
+    layer = net.get_submodule(path)
+    parent, _, attr = path.rpartition(".")
+    target = f"model.{parent}[{attr}]" if attr.isdigit() else f"model.{path}"
+    return f"{target} = nn.Linear({layer.in_features}, {layer.out_features})"
+
+
+def _preprocess_code(info: dict[str, Any]) -> tuple[str, str]:
+    """(setup, inputs): code that turns an image into the model's input batch, as validation did."""
+    record = info.get("preprocessing") or {}
+    shape = info.get("input_shape") or [info["data"].get("in_channels"), info["data"].get("image_size"),
+                                        info["data"].get("image_size")]
+    if record.get("input") != "image":
+        return "", f"inputs = torch.zeros(1, {', '.join(str(v) for v in shape)})  # a preprocessed float batch (N, C, H, W)"
+    steps = []
+    if record.get("resize") is not None:
+        resize = record["resize"]
+        steps.append(f"T.Resize({tuple(resize) if isinstance(resize, list) else resize})")
+    if record.get("center_crop") is not None:
+        steps.append(f"T.CenterCrop({record['center_crop']})")
+    steps += ["T.ToTensor()", f"T.Normalize({record['mean']}, {record['std']})"]
+    setup = ("from PIL import Image\nfrom torchvision import transforms as T\n\n"
+             f"preprocess = T.Compose([{', '.join(steps)}])\n")
+    mode = record["image_mode"]
+    inputs = (f"image = Image.new({mode!r}, (64, 64))  # your image: Image.open(path)\n"
+              f"inputs = preprocess(image.convert({mode!r})).unsqueeze(0)  # a batch of 1")
+    return setup, inputs
 
 
 def readme(info: dict[str, Any]) -> str:
-    """A Markdown snippet that rebuilds the model class and loads the exported file into it."""
-    spec = info["model"]
-    args = ", ".join(f"{k}={v!r}" for k, v in spec.items())
-    filename = info["file"]
-    if info["format"] == "safetensors":
-        imports = "from safetensors.torch import load_file\n"
-        load = f"state = load_file({filename!r})"
+    """A Markdown page with a runnable snippet: preprocess an image, load the file, predict."""
+    spec, filename, fmt = info["model"], info["file"], info["format"]
+    setup, inputs = _preprocess_code(info)
+    gray_note = ""
+    if fmt in ("safetensors", "pt") and info.get("state_dict_keys") == "torchvision":
+        load_line = (f"load_file({filename!r})" if fmt == "safetensors"
+                     else f"torch.load({filename!r}, map_location='cpu', weights_only=True)")
+        imports = ("import torch\nimport torchvision\nfrom torch import nn\n"
+                   + ("from safetensors.torch import load_file\n" if fmt == "safetensors" else ""))
+        model_code = (f"model = torchvision.models.{spec['name']}()\n{info['torchvision']['head']}\n"
+                      f"model.load_state_dict({load_line})\nmodel.eval()")
+        if (spec.get("shape") or {}).get("in_channels") == 1:
+            inputs += "\ninputs = inputs.expand(-1, 3, -1, -1)  # the torchvision model takes 3 channels"
+            gray_note = (" The model was trained on grayscale images: the plain torchvision model takes them "
+                         "as 3 equal channels.")
+        how = (f"The weights carry torchvision's own keys: they load into the plain "
+               f"`torchvision.models.{spec['name']}` with the new head, as in the tutorials.{gray_note}")
+    elif fmt in ("safetensors", "pt"):
+        args = ", ".join(f"{k}={v!r}" for k, v in spec.items())
+        load_line = (f"load_file({filename!r})" if fmt == "safetensors"
+                     else f"torch.load({filename!r}, map_location='cpu', weights_only=True)")
+        imports = ("import torch\n" + ("from safetensors.torch import load_file\n" if fmt == "safetensors" else "")
+                   + "from dist_train.models import ModelSpec, build_model\n")
+        model_code = f"spec = ModelSpec({args})\nmodel = build_model(spec)\nmodel.load_state_dict({load_line})\nmodel.eval()"
+        how = "The weights are the model's state_dict; `build_model` rebuilds the model class they belong to."
+    elif fmt == "torchscript":
+        imports = "import torch\n"
+        model_code = f"model = torch.jit.load({filename!r}, map_location='cpu')\nmodel.eval()"
+        how = "A TorchScript module: it needs torch, not dist_train nor the model's source."
+    elif fmt == "exported-program":
+        imports = "import torch\n"
+        model_code = f"model = torch.export.load({filename!r}).module()"
+        how = "A `torch.export` program: it needs torch, not dist_train nor the model's source."
     else:
-        imports = ""
-        load = f"state = torch.load({filename!r}, map_location=\"cpu\", weights_only=True)"
+        imports = "import numpy as np\nimport onnxruntime\nimport torch\n"
+        model_code = f"session = onnxruntime.InferenceSession({filename!r}, providers=['CPUExecutionProvider'])"
+        how = "An ONNX graph (input `input`, output `logits`) for onnxruntime or any ONNX runtime."
+    if fmt == "onnx":
+        run = ("logits = torch.from_numpy(session.run(None, {'input': inputs.numpy().astype(np.float32)})[0])\n"
+               "probabilities = logits.softmax(dim=1)")
+    else:
+        run = "with torch.no_grad():\n    probabilities = model(inputs).softmax(dim=1)"
+    note = (info.get("preprocessing") or {}).get("note")
     source = info["source"]
+    shape = (spec.get("shape") or {})
     return f"""# Deploying `{filename}`
 
-The weights of a `{spec['name']}` model ({spec['num_classes']} classes, inputs of
-{spec['in_channels']}x{spec['image_size']}x{spec['image_size']}) exported from checkpoint
+A `{spec['name']}` model ({shape.get('num_classes')} classes, inputs of
+{shape.get('in_channels')}x{shape.get('image_size')}x{shape.get('image_size')}), format `{fmt}`, exported from checkpoint
 `{source['checkpoint']}` (step {source['step']}). `model_digest`: `{info['model_digest']}`.
-`{filename}.json` holds the same model spec, the class names and the data set's
-normalisation (`data.info`), for code that rebuilds the model without this snippet.
+{how}
+
+`{filename}.json` holds the preprocessing (`preprocessing`: colour mode, resize, crop, mean/std,
+image size, class names), the model spec and the provenance. The snippet applies the same
+preprocessing as validation did{': ' + note if note else ''}.
 
 ```python
-import torch
-{imports}from dist_train.models import ModelSpec, build_model
-
-spec = ModelSpec({args})
-model = build_model(spec)
-{load}
-model.load_state_dict(state)
-model.eval()
+{imports}{setup}
+{model_code}
 class_names = {info['class_names']!r}
 
-# a batch of inputs, preprocessed like validation: float tensor of shape (N, C, H, W)
-inputs = torch.zeros(1, {spec['in_channels']}, {spec['image_size']}, {spec['image_size']})
-with torch.no_grad():
-    probabilities = model(inputs).softmax(dim=1)
+{inputs}
+{run}
 print(class_names[int(probabilities.argmax(dim=1)[0])])
 ```
 
-`dist-train predict --checkpoint CHECKPOINT FILES` applies the exact validation
-preprocessing to image files, if you still have the checkpoint.
+`dist-train predict --checkpoint CHECKPOINT FILES` gives the same predictions, if you still have the checkpoint.
 """
 
 
+# -- writing -----------------------------------------------------------------------------------
+
+def _temp_name(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+
+
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = _temp_name(path)
     try:
         with open(tmp, "xb") as handle:
             handle.write(data)
@@ -122,9 +295,9 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def check_targets(out: str, force: bool) -> list[str]:
+def check_targets(out: str, force: bool, fmt: str | None = None) -> list[str]:
     """OUT and its side files, refused up front when one exists (unless `force`) or is a folder."""
-    export_format(out)
+    export_format(out, fmt)
     targets = [out, *sidecars(out)]
     for path in targets:
         if os.path.isdir(path):
@@ -134,28 +307,52 @@ def check_targets(out: str, force: bool) -> list[str]:
     return targets
 
 
-def export_model(loaded: LoadedModel, out: str, force: bool = False) -> list[str]:
+def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | None = None) -> list[str]:
     """Write OUT, OUT.json and OUT.README.md; the paths written, in that order."""
-    fmt = export_format(out)
-    targets = check_targets(out, force)
-    state = plain_state_dict(loaded.model)
-    digest = mf.model_digest(state)
+    from dist_train.inference.predict import preprocessing_of
+
+    kind = export_format(out, fmt)
+    targets = check_targets(out, force, fmt)
+    digest = mf.model_digest(plain_state_dict(loaded.model))
     if digest != loaded.manifest.get("model_digest"):
         raise UserError(f"checkpoint {loaded.url}: the weights do not match the manifest's model_digest")
-    info = _describe(loaded, fmt, os.path.basename(out), digest)
-    payload = _encode(state, fmt, {"format": "pt", "dist_train.model_spec": json.dumps(info["model"]),
-                                   "model_digest": digest})
-    files = [payload, (json.dumps(info, indent=1) + "\n").encode(), readme(info).encode()]
+    preprocessing = preprocessing_of(loaded)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     existed = {path for path in targets if os.path.exists(path)}
     written: list[str] = []
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        for path, data in zip(targets, files):
+        if kind in GRAPH_FORMATS:
+            shape = input_shape(loaded, preprocessing)
+            model = loaded.model.to("cpu").eval()
+            example = torch.zeros(2, *shape)
+            tmp = _temp_name(out)
+            try:
+                extra = GRAPH_WRITERS[kind](model, example, tmp)
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            extra.update({"input_shape": shape, "input": "float32 (N, C, H, W), preprocessed; N is free",
+                          "output": "logits (N, num_classes); softmax gives probabilities"})
+        else:
+            state, keys = deployable_state_dict(loaded.model)
+            extra = {"state_dict_keys": keys, "exported_digest": mf.model_digest(state)}
+            if keys == "torchvision":
+                extra["torchvision"] = {"model": f"torchvision.models.{loaded.spec.name}",
+                                        "head": _torchvision_head(loaded), "input_channels": 3}
+            metadata = {"format": "pt", "dist_train.model_spec": json.dumps(loaded.spec.as_dict()),
+                        "model_digest": digest, "state_dict_keys": keys}
+            _write_atomic(out, _encode(state, kind, metadata))
+        written.append(out)
+        info = _describe(loaded, kind, os.path.basename(out), digest, preprocessing, extra)
+        for path, data in zip(targets[1:], [(json.dumps(info, indent=1) + "\n").encode(), readme(info).encode()]):
             _write_atomic(path, data)
             written.append(path)
-    except OSError as exc:
+    except (OSError, UserError) as exc:
         for path in written:
             if path not in existed:
                 os.unlink(path)
+        if isinstance(exc, UserError):
+            raise
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return targets

@@ -1,7 +1,13 @@
 """Top-k predictions for the user's image files, or for samples of the run's own validation split.
 
-Files go through the data set's `eval_transform`, the same preprocessing validation
-used, after Pillow has converted them to the model's channel count.
+Files go through the preprocessing recorded in the checkpoint (`data_info.preprocessing`:
+colour mode, resize, crop, mean/std), the same that built validation's transform, so
+predicting needs the checkpoint alone, not the training data. Checkpoints written before
+the record existed get it rebuilt from their config (built-in data sets) or, for a user's
+data set, from its `eval_transform` (which needs the data set importable).
+
+A file named twice (by name and through its folder) is predicted once. An image that
+cannot be decoded is reported and the others are still predicted (`Failure`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from dist_train.data.datasets import UnreadableImage, builtin_record, read_image
+from dist_train.data.transforms import eval_transform
 from dist_train.errors import UserError
 from dist_train.inference.loading import LoadedModel
 
@@ -53,8 +61,17 @@ def top_k(model: torch.nn.Module, inputs: torch.Tensor, k: int) -> list[list[tup
 
 
 def find_images(paths: Iterable[str]) -> list[str]:
-    """Files as given (any extension), folders walked recursively for image files, in sorted order."""
+    """Files as given (any extension), folders walked recursively for image files, in sorted order;
+    each file once, however often it is named (by name, through its folder, through a link)."""
     found: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            found.append(path)
+
     for path in paths:
         if os.path.isdir(path):
             inside = []
@@ -64,25 +81,55 @@ def find_images(paths: Iterable[str]) -> list[str]:
                            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
             if not inside:
                 raise UserError(f"no image files in folder {path}")
-            found += inside
+            for file in inside:
+                add(file)
         elif os.path.isfile(path):
-            found.append(path)
+            add(path)
         else:
             raise UserError(f"input not found: {path}")
     return found
 
 
-def load_image(path: str, transform: Callable[[Any], torch.Tensor], in_channels: int) -> torch.Tensor:
-    """One image file as the model's input tensor; an unreadable file is the user's error."""
-    from PIL import Image
+@dataclass
+class Failure:
+    source: str
+    reason: str  # one line: "cannot read image PATH: why"
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if in_channels == 1 else "RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot read image {path}: {reason}") from None
-    return transform(image)
+
+def preprocessing_of(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The checkpoint's preprocessing record (or one rebuilt for an older checkpoint of a built-in data set)."""
+    manifest = loaded.manifest
+    info = manifest.get("data_info") if isinstance(manifest.get("data_info"), dict) else {}
+    record = info.get("preprocessing")
+    if isinstance(record, dict) and record.get("input") in ("image", "tensor"):
+        return record
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    dataset = (config.get("data") or {}).get("dataset") if isinstance(config.get("data"), dict) else None
+    return builtin_record(dataset, info, loaded.spec.shape, loaded.class_names) if isinstance(dataset, str) else None
+
+
+@dataclass
+class FileInputs:
+    """How an image file becomes the model's input: Pillow's colour mode, then the transform."""
+    mode: str
+    transform: Callable[[Any], torch.Tensor]
+
+
+def file_inputs(loaded: LoadedModel, rebuild: Callable[[], Any]) -> FileInputs:
+    """From the recorded preprocessing; `rebuild()` (the data set, for its eval_transform) only without one."""
+    record = preprocessing_of(loaded)
+    if record is not None and record.get("input") == "image":
+        return FileInputs(record["image_mode"], eval_transform(record))
+    transform = rebuild().eval_transform if record is None else None
+    if transform is None:
+        raise UserError(f"the data set of checkpoint {loaded.url} has no image preprocessing; "
+                        "run predict without inputs to see validation samples")
+    return FileInputs("L" if loaded.spec.in_channels == 1 else "RGB", transform)
+
+
+def load_image(path: str, inputs: FileInputs) -> torch.Tensor:
+    """One image file as the model's input tensor; an undecodable file raises UnreadableImage."""
+    return inputs.transform(read_image(path, inputs.mode))
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -90,17 +137,24 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-def predict_files(loaded: LoadedModel, files: Sequence[str], transform: Callable | None, k: int,
-                  batch_size: int = 64) -> list[Prediction]:
-    if transform is None:
-        raise UserError(f"the data set of checkpoint {loaded.url} has no image preprocessing; "
-                        "run predict without inputs to see validation samples")
+def predict_files(loaded: LoadedModel, files: Sequence[str], inputs: FileInputs, k: int,
+                  batch_size: int = 64) -> tuple[list[Prediction], list[Failure]]:
+    """Predictions of the readable files (in order) and the files that could not be read."""
     out: list[Prediction] = []
+    failures: list[Failure] = []
     for chunk in _batches(files, batch_size):
-        inputs = torch.stack([load_image(path, transform, loaded.spec.in_channels) for path in chunk])
-        for path, top in zip(chunk, top_k(loaded.model, inputs.to(loaded.device), k)):
+        tensors, readable = [], []
+        for path in chunk:
+            try:
+                tensors.append(load_image(path, inputs))
+                readable.append(path)
+            except UnreadableImage as exc:
+                failures.append(Failure(path, str(exc)))
+        if not tensors:
+            continue
+        for path, top in zip(readable, top_k(loaded.model, torch.stack(tensors).to(loaded.device), k)):
             out.append(Prediction(path, top))
-    return out
+    return out, failures
 
 
 def predict_samples(loaded: LoadedModel, dataset: Dataset, count: int, k: int, split: str = "val",

@@ -123,7 +123,8 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     checkpoints = CheckpointManager(cfg.checkpoint.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_checkpoint,
                                     cfg.checkpoint.storage_options, keep_best=cfg.checkpoint.keep_best,
                                     keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env,
-                                    strict_fencing=cfg.checkpoint.strict_fencing)
+                                    strict_fencing=cfg.checkpoint.strict_fencing, local_cache=cfg.checkpoint.local_cache,
+                                    local_cache_keep=cfg.checkpoint.local_cache_keep)
     task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
     bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
     spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))

@@ -11,19 +11,21 @@ conditional writes (moto behind a loopback proxy that strips `If-None-Match`).
 from __future__ import annotations
 
 import json
+import os
 import signal
-import subprocess
 
 import boto3
 import pytest
 
-from conftest import PYTHON, REPO, TINY, base_env, call_cli, run_cli, wait_for
+from conftest import TINY, call_cli, run_cli
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint.retention import delete_checkpoint
 from dist_train.checkpoint.storage import Storage
 from dist_train.checkpoint.writer import CheckpointWriter, clean_stale
 from dist_train.errors import EXIT_PREEMPTED
 from support.fault_proxy import FaultProxy
+from support.forkserver import shared
+from support.hooked import HookedJob
 
 FIELDS = {"epoch": 0, "world_size": 1, "model_digest": "0" * 64}
 
@@ -63,33 +65,33 @@ def test_commit_list_verify_read_and_retention_on_each_server(s3_server, s3_env,
     assert not [k for k in _keys(s3_env, s3_bucket, "run/") if ".probe-" in k]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(120)
 def test_a_run_preempted_by_sigterm_resumes_from_s3_on_each_server(s3_server, s3_env, s3_bucket, tmp_path):
+    """SIGTERM arrives while the step-10 manifest is being committed (the job paused there): the job
+    finishes that commit, commits a `preempted` checkpoint at the next step and exits 75; the same
+    command then resumes from it. Forked from the shared fork server (torch imported once)."""
     url = f"s3://{s3_bucket}/run"
-    args = ["train", "--run-dir", url, *TINY, "--checkpoint-every", "10", "--keep-last", "2"]
-    storage = Storage(url)
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([PYTHON, "-m", "dist_train", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=base_env(s3_env), cwd=REPO)
+    args = ["train", "--run-dir", url, *TINY, "--max-steps", "30", "--checkpoint-every", "10", "--keep-last", "2"]
+    job = HookedJob(args, tmp_path / "first", pauses=["create:ckpt-g0001-s0000000010/manifest.json"], env=s3_env)
     try:
-        wait_for(lambda: catalog.list_checkpoints(storage), 90, interval=0.3, what="a first checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        job.wait_paused(0)
+        os.kill(job.pid, signal.SIGTERM)
+        job.release(0)
+        code = job.finish()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = (tmp_path / "first.log").read_text()
-    assert code == EXIT_PREEMPTED, output[-3000:]
+        job.kill()
+    assert code == EXIT_PREEMPTED, job.output[-3000:]
+    storage = Storage(url)
     preempted = catalog.newest_valid(storage)
-    assert preempted is not None and preempted.manifest["reason"] == "preempted", output[-3000:]
+    assert preempted is not None and preempted.manifest["reason"] == "preempted", job.output[-3000:]
+    assert preempted.ref.step > 10
 
-    result = run_cli(args, env=s3_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stderr and preempted.ref.name in result.stderr, result.stderr[-3000:]
+    result = shared().run(args, env=s3_env, timeout=90)
+    assert result.rc == 0, result.output[-3000:]
+    assert "resuming from" in result.stderr and preempted.ref.name in result.stderr, result.output[-3000:]
     verdicts = catalog.scan(storage)
-    assert len(verdicts) == 2 and all(v.valid for v in verdicts), [(v.ref.name, v.reason) for v in verdicts]
-    assert verdicts[-1].ref.generation == 2 and verdicts[-1].manifest["reason"] == "epoch_end"
+    assert [v.ref.name for v in verdicts] == [preempted.ref.name, "ckpt-g0002-s0000000030"], verdicts
+    assert all(v.valid for v in verdicts), [(v.ref.name, v.reason) for v in verdicts]
 
 
 @pytest.fixture

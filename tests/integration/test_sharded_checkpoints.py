@@ -34,7 +34,7 @@ def fsdp_save(tmp_path_factory) -> dict:
     """One FSDP 2-rank job: a save that fails on rank 1, the next that succeeds, and the memory check."""
     root = tmp_path_factory.mktemp("fsdp")
     result = job(["save", "--parallelism", "fsdp", "--run-dir", str(root / "run"), "--out", str(root / "ref"),
-                  "--fault-rank", "1", "--memory-run-dir", str(root / "memory")], env=MEMORY_ENV)
+                  "--fault-rank", "1", "--memory-run-dir", str(root / "memory"), "--async-step"], env=MEMORY_ENV)
     result["root"] = root
     return result
 
@@ -50,6 +50,13 @@ def test_a_rank_that_fails_its_write_commits_nothing_and_the_next_save_succeeds(
     assert failed["run_dir_after"] == []  # no checkpoint folder, no staging folder: every rank's files gone
     assert ok["run_dir_after"] == ["ckpt-g0001-s0000000002"]
     assert ok["manifest_digest"] == fsdp_save["digest"]  # streamed digest == digest of the full tensors
+
+
+@pytest.mark.timeout(300)
+def test_a_save_committed_in_a_thread_while_training_holds_the_boundary_state(fsdp_save):
+    saved = fsdp_save["async"]
+    assert "error" not in saved, saved
+    assert saved["manifest_digest"] == saved["expected"] != saved["after_step"]
 
 
 @pytest.mark.timeout(300)

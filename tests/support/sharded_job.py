@@ -7,6 +7,7 @@ one plain process. Rank 0 prints one line `RESULT {json}`.
         first save fails on rank R (storage hook), then the next must succeed. --reload: load the
         checkpoint back into a fresh model and compare. --legacy-run-dir: also save today's rank-0 layout.
         --memory-run-dir: measure a larger FSDP save's peak memory (against gathering the full state).
+        --async-step: one more save, committed in a thread on every rank while a training step runs.
     load --parallelism ddp|fsdp --ckpt URL [--ckpt URL ...] --out DIR [--dcp]
         a fresh model loads each checkpoint; compared with DIR/reference.safetensors. --dcp: also load
         it as a torchtitan-style program does (plain `dcp.load` with dist_train's reader).
@@ -179,6 +180,8 @@ def mode_save(env, args) -> None:
         names = set(writer.storage.folders("")) | {e.name for e in writer.storage.list("")}
         outcomes[-1]["run_dir_after"] = sorted(n for n in names if n.startswith(("ckpt-", ".staging")))
     result["outcomes"] = outcomes
+    if args.async_step:
+        result["async"] = save_while_training(env, saver, model, wrapped, optimizer, trainer_state)
     if args.reload and "url" in outcomes[-1]:
         fresh, _, fresh_optimizer = build(env, args.parallelism, seed=321)
         load(env, outcomes[-1]["url"], fresh, fresh_optimizer)
@@ -186,6 +189,34 @@ def mode_save(env, args) -> None:
     if args.memory_run_dir:
         result["memory"] = measure_memory(env, args.memory_run_dir)
     report(env, **result)
+
+
+def save_while_training(env, saver, model, wrapped, optimizer, trainer_state) -> dict:
+    """An async save: copies taken at the boundary, the commit (its own gloo group) in a thread on every
+    rank while the next training step runs its collectives on the default group."""
+    import threading
+
+    from dist_train.checkpoint.sharded import collect_state
+
+    state, pinned = collect_state(model, optimizer)
+    snap = saver.snapshot(3, state, pinned, copy=True)
+    expected = parallel.model_digest(model)
+    box: dict = {}
+
+    def commit() -> None:
+        try:
+            box["committed"] = saver.commit(snap, fields(env),
+                                            {"trainer.safetensors": tree_file(trainer_state)} if env.is_rank0 else None)
+        except BaseException as exc:  # noqa: BLE001 - reported
+            box["error"] = repr(exc)
+    thread = threading.Thread(target=commit)
+    thread.start()
+    train(env, wrapped, optimizer, steps=1)  # changes the live weights while the commit runs
+    thread.join()
+    if "error" in box:
+        return {"error": box["error"]}
+    return {"url": box["committed"].url, "manifest_digest": box["committed"].manifest["model_digest"],
+            "expected": expected, "after_step": parallel.model_digest(model)}
 
 
 def load(env, url: str, model, optimizer) -> None:
@@ -308,6 +339,7 @@ def main() -> None:
     parser.add_argument("--fault-rank", type=int)
     parser.add_argument("--copy", action="store_true")
     parser.add_argument("--reload", action="store_true")
+    parser.add_argument("--async-step", action="store_true", help="also save in a thread during a step")
     parser.add_argument("--dcp", action="store_true", help="also load each checkpoint as a DCP program would")
     args = parser.parse_args()
     torch.set_num_threads(1)

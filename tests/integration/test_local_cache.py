@@ -1,0 +1,143 @@
+"""The node-local checkpoint tier (`--local-cache`): fast restarts that never trust a stale copy.
+
+- A 2-rank job on S3 (moto behind a counting proxy) with a local cache: a worker is killed,
+  `dist-train launch --max-restarts 1` restarts both, and they resume from the cache with no
+  GET of a checkpoint's data objects, ending with the uninterrupted run's model_digest.
+- A stale cache, a corrupt cache file, a cache of another run dir: each ignored with one line,
+  and the resume reads the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, base_env, descendants, kill_group, manifests, run_cli, run_torchrun, wait_for
+from support.fault_proxy import FaultProxy
+
+JOB = ["train", "--epochs", "2", "--max-steps", "36", "--checkpoint-every", "6", "--batch-size", "32",
+       "--deterministic", "--no-progress", "--log-every", "6"]
+
+
+def _s3_manifests(client, bucket: str, prefix: str) -> list[str]:
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])
+    return sorted(o["Key"] for o in listed if o["Key"].endswith("/manifest.json"))
+
+
+def _final_s3_digest(client, bucket: str, prefix: str) -> str:
+    key = _s3_manifests(client, bucket, prefix)[-1]
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())["model_digest"]
+
+
+@pytest.mark.timeout(420)
+def test_worker_restart_resumes_from_the_local_cache_without_reading_the_store(tmp_path, s3_env, s3_bucket):
+    import boto3
+
+    reference = tmp_path / "reference"
+    result = run_torchrun(2, [*JOB, "--run-dir", str(reference)])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    prefix = f"cached-{uuid.uuid4().hex[:6]}"
+    cache = tmp_path / "cache"
+    log_path = tmp_path / "job.log"
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
+        env = dict(s3_env, AWS_ENDPOINT_URL=proxy.url)
+        proc = subprocess.Popen([PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node", "2",
+                                 "--max-restarts", "1", "--", *JOB, "--run-dir", f"s3://{s3_bucket}/{prefix}",
+                                 "--local-cache", str(cache)],
+                                stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=base_env(env), cwd=REPO,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: len(_s3_manifests(client, s3_bucket, prefix)) >= 2 and list(cache.glob("ckpt-*"))
+                     or proc.poll() is not None, timeout=240, what="two committed checkpoints and a cached one")
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            workers = [pid for pid in descendants(proc.pid) if "dist_train" in _cmdline(pid) and "train" in _cmdline(pid)
+                       and "launch" not in _cmdline(pid)]
+            assert workers, "no worker processes found"
+            proxy.log.clear()
+            os.kill(max(workers), signal.SIGKILL)  # one worker dies; the agent restarts both
+            assert proc.wait(timeout=300) == 0, log_path.read_text()[-4000:]
+        finally:
+            kill_group(proc)
+        after_restart = list(proxy.log)
+    text = log_path.read_text()
+    assert "resuming from the local cache" in text, text[-4000:]
+    data_gets = [path for method, path, _ in after_restart
+                 if method == "GET" and re.search(r"/ckpt-[^/]+/[^/]+\.safetensors", path)]
+    assert not data_gets, f"the restart read checkpoint data from the store: {data_gets[:5]}"
+    assert _final_s3_digest(client, s3_bucket, prefix) == manifests(reference)[-1]["model_digest"]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("cache")
+    run_dir, cache = base / "run", base / "cache"
+    result = run_cli([*JOB, "--max-steps", "12", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in cache.glob("ckpt-*")] == ["ckpt-g0001-s0000000012"]
+    return run_dir, cache
+
+
+def _resume(run_dir: Path, cache: Path) -> str:
+    result = run_cli([*JOB, "--max-steps", "18", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def _copy(cached_run, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    run_dir, cache = cached_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copytree(cache, tmp_path / "cache")
+    (tmp_path / "cache" / "run.json").write_text(json.dumps({"run_dir": str(tmp_path / "run")}))  # moved with it
+    return tmp_path / "run", tmp_path / "cache"
+
+
+@pytest.mark.timeout(240)
+def test_a_good_cache_is_used(cached_run, tmp_path):
+    run_dir, cache = _copy(cached_run, tmp_path)
+    log = _resume(run_dir, cache)
+    assert "resuming from the local cache" in log
+    assert "local cache" not in log.split("resuming from the local cache")[0]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("spoil, says", [
+    ("stale", "holds ckpt-g0001-s0000000006"),
+    ("corrupt", "does not match its sha256"),
+    ("foreign", "belongs to another run dir"),
+])
+def test_a_cache_that_is_not_the_newest_durable_checkpoint_is_ignored(cached_run, tmp_path, spoil, says):
+    run_dir, cache = _copy(cached_run, tmp_path)
+    newest = cache / "ckpt-g0001-s0000000012"
+    if spoil == "stale":  # the cache holds an older checkpoint than the run dir's newest
+        import shutil
+        shutil.copytree(run_dir / "ckpt-g0001-s0000000006", cache / "ckpt-g0001-s0000000006")
+        shutil.rmtree(newest)
+    elif spoil == "corrupt":
+        data = bytearray((newest / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (newest / "model.safetensors").write_bytes(bytes(data))
+    else:
+        (cache / "run.json").write_text(json.dumps({"run_dir": "/somewhere/else"}))
+    log = _resume(run_dir, cache)
+    lines = [line for line in log.splitlines() if "local cache" in line and "WARNING" in line]
+    assert len(lines) >= 1 and says in lines[0], log[-3000:]
+    assert "resuming from the local cache" not in log
+    assert f"resuming from {run_dir}/ckpt-g0001-s0000000012" in log
