@@ -60,6 +60,8 @@ def locate(url: str, options: dict | None = None, what: str = "checkpoint") -> L
             return Located(parent, [ref], explicit=True)
         refs = catalog.newest_first(catalog.list_checkpoints(target))
         if not refs:
+            if what.startswith("--"):  # a flag (--resume URL): say which flag's value is empty
+                raise UserError(f"{what} {target.display_url}: no checkpoint there")
             if target.exists(""):
                 raise UserError(f"no checkpoint in {target.display_url} "
                                 "(neither a checkpoint folder nor a run dir holding checkpoints)")
