@@ -37,9 +37,10 @@ def import_object(path: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or module_name
-        detail = "not found" if missing == module_name else f"it imports {missing}, which is not installed"
-        raise UserError(f"{what} {path}: module {module_name} {detail} "
-                        "(run from the folder that holds it, or put it on PYTHONPATH)") from None
+        if missing == module_name or module_name.startswith(missing + "."):  # it, or its package, is not there
+            raise UserError(f"{what} {path}: module {module_name} not found "
+                            "(run from the folder that holds it, or put it on PYTHONPATH)") from None
+        raise UserError(f"{what} {path}: module {module_name} imports {missing}, which is not installed") from None
     except Exception as exc:  # noqa: BLE001 - any failure while importing the user's module is theirs
         raise UserError(f"{what} {path}: importing module {module_name} failed: {brief(exc)}") from None
     target: Any = module

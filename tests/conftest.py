@@ -146,6 +146,33 @@ def final_digest(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """Finished tiny runs, each trained once per distinct command for the whole session.
+
+    `trained_run(*train_flags)` returns the run dir of `dist-train train --run-dir DIR *train_flags`
+    (one process, forked from the shared server that imported torch once). Tests share it:
+    one that damages or extends a run works on `copy_run(...)`.
+    """
+    from support.forkserver import shared
+
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def make(*flags: str) -> Path:
+        if flags not in runs:
+            run_dir = tmp_path_factory.mktemp("trained") / "run"
+            result = shared().run(["train", "--run-dir", str(run_dir), *flags])
+            assert result.rc == 0, result.output[-3000:]
+            runs[flags] = run_dir
+        return runs[flags]
+    return make
+
+
+# The run most read-only checkpoint tests share: two interval checkpoints (steps 10 and 20).
+SMALL_RUN = ("--max-steps", "20", "--checkpoint-every", "10", "--epochs", "1", "--batch-size", "32",
+             "--log-every", "100", "--no-progress")
+
+
+@pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """moto's real S3 server, over HTTP on a free loopback port, for the whole session."""
     from moto.server import ThreadedMotoServer

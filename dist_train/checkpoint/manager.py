@@ -165,7 +165,14 @@ class CheckpointManager:
             except UserError as exc:
                 error = str(exc)
         env.agree(error)
-        pending = resolver.candidates(located, "size") if located is not None else iter(())
+        skipped: list[str] = []
+
+        def on_skip(verdict) -> None:  # a named checkpoint gets one error line with the reason, no warning
+            skipped.append(verdict.reason or "invalid")
+            if not located.explicit:
+                resolver.log_skip(verdict)
+
+        pending = resolver.candidates(located, "size", on_skip) if located is not None else iter(())
         while True:
             candidate, error = None, None
             if env.is_rank0:
@@ -177,7 +184,8 @@ class CheckpointManager:
                         if reason:
                             error = f"cannot resume from {verdict.url}: {reason}"
                     elif located is not None and located.explicit:
-                        error = f"--resume {located.display_url} is not a valid checkpoint"
+                        reason = f": {skipped[-1]}" if skipped else ""
+                        error = f"--resume {located.display_url} is not a valid checkpoint{reason}"
                 except Exception as exc:  # noqa: BLE001 - storage trouble during discovery is the user's to fix
                     error = f"cannot search {located.display_url} for checkpoints: {describe_error(exc)}"
             env.agree(error)

@@ -274,18 +274,27 @@ def read_files(folder: Storage, manifest: dict[str, Any], names: Sequence[str], 
     """
     per_file = _concurrency(folder, concurrency)
     files = manifest.get("files") or {}
-    with cf.ThreadPoolExecutor(max(1, (per_file - 1) * len(names)), thread_name_prefix="ckpt-read") as pool:
+    # The largest file (the critical path: its hash is sequential) is read in this thread, the
+    # others beside it; a thread that waited idle would only add a hand-off on a busy machine.
+    here = max(names, key=lambda n: (files.get(n) or {}).get("size", 0), default=None)
+    outcome: dict[str, cf.Future] = {}
+    with cf.ThreadPoolExecutor(max(1, (per_file - 1) * len(names)), thread_name_prefix="ckpt-read") as pool, \
+            cf.ThreadPoolExecutor(max(1, len(names) - 1), thread_name_prefix="ckpt-file") as beside:
         reader = _Reader(pool, per_file, range_size)
-        if len(names) == 1:
-            return {names[0]: reader.load(folder, files.get(names[0]), names[0], verify_sha, names[0] in trees)}
-        with cf.ThreadPoolExecutor(len(names), thread_name_prefix="ckpt-file") as hashers:
-            futures = [hashers.submit(reader.load, folder, files.get(name), name, verify_sha, name in trees)
-                       for name in names]
-            cf.wait(futures)
-    for future in futures:
-        if future.exception() is not None:
-            raise future.exception()  # type: ignore[misc]
-    return {name: future.result() for name, future in zip(names, futures)}
+        for name in names:
+            if name != here:
+                outcome[name] = beside.submit(reader.load, folder, files.get(name), name, verify_sha, name in trees)
+        if here is not None:
+            outcome[here] = cf.Future()
+            try:
+                outcome[here].set_result(reader.load(folder, files.get(here), here, verify_sha, here in trees))
+            except BaseException as exc:  # noqa: BLE001 - reported below, in `names` order
+                outcome[here].set_exception(exc)
+        cf.wait(outcome.values())
+    for name in names:
+        if outcome[name].exception() is not None:
+            raise outcome[name].exception()  # type: ignore[misc]
+    return {name: outcome[name].result() for name in names}
 
 
 def read_bytes(folder: Storage, manifest: dict[str, Any], name: str, verify_sha: bool = True, *,

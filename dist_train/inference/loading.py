@@ -94,7 +94,7 @@ def model_spec(manifest: dict[str, Any], url: str, expect_model: str | None = No
     """The manifest's ModelSpec; `expect_model` (--model) must name the same architecture."""
     spec = ModelSpec.from_dict(manifest.get("model") or {})
     if expect_model is not None and expect_model != spec.name:
-        raise UserError(f"checkpoint {url} holds a {spec.describe()} model, not {expect_model}")
+        raise UserError(f"checkpoint {url} holds a {spec.describe()}, not {expect_model}")
     return spec
 
 

@@ -85,8 +85,9 @@ class ModelSpec:
         return cls(data["name"], args, shape)
 
     def describe(self) -> str:
-        classes = f", {self.num_classes} classes" if self.num_classes else ""
-        return f"{self.name}{classes}"
+        """`cnn model with 10 classes`, for messages."""
+        classes = f" with {self.num_classes} classes" if self.num_classes else ""
+        return f"{self.name} model{classes}"
 
 
 def make_spec(name: str, args: dict[str, Any], builtin_options: dict[str, Any],

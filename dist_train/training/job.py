@@ -168,8 +168,8 @@ def _model_mismatch(manifest: dict[str, Any], spec: ModelSpec) -> str | None:
         return None  # no description: the strict state_dict load decides
     common = set(saved.shape) & set(spec.shape)
     if saved.name != spec.name or any(saved.shape[k] != spec.shape[k] for k in common):
-        return (f"checkpoint holds a {saved.describe()} model {saved.shape}, "
-                f"this run builds {spec.describe()} {spec.shape}")
+        return (f"checkpoint holds a {saved.describe()} (shape {saved.shape}), "
+                f"this run builds a {spec.describe()} (shape {spec.shape})")
     return None
 
 

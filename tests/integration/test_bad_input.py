@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO, base_env, free_port, run_cli
+from conftest import REPO, SMALL_RUN, base_env, free_port, run_cli
 from support.forkserver import shared
 
 TRAIN = ["train", "--max-steps", "1", "--no-progress"]
@@ -120,13 +120,9 @@ def _snapshot(path: Path) -> list[tuple[str, int, int]]:
                   for p in path.rglob("*")) if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("catalog") / "cnn-run"
-    result = shared().run(["train", "--max-steps", "10", "--checkpoint-every", "10", "--epochs", "1",
-                           "--no-progress", "--run-dir", str(run_dir)])
-    assert result.rc == 0, result.output
-    return run_dir
+@pytest.fixture
+def trained(trained_run) -> Path:
+    return trained_run(*SMALL_RUN)
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,7 @@ def test_onnx_gives_pytorchs_top1_on_the_validation_samples(capsys, monkeypatch,
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_torchscript_and_exported_program_load_and_give_the_same_outputs(capsys, monkeypatch, tmp_path, run_dir,
                                                                          reference):
     loaded, inputs, logits = reference

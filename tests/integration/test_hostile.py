@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_run
+from conftest import SMALL_RUN, copy_run
 from support.forkserver import shared
 
 JOB = ["train", "--max-steps", "20", "--checkpoint-every", "10", "--epochs", "1", "--batch-size", "32",
@@ -49,12 +49,9 @@ def replace_file(folder: Path, name: str, data: bytes) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("hostile") / "trained"
-    result = shared().run([*JOB, "--run-dir", str(run_dir)])
-    assert result.rc == 0, result.output
-    return run_dir
+@pytest.fixture
+def trained(trained_run) -> Path:
+    return trained_run(*SMALL_RUN)
 
 
 @pytest.fixture

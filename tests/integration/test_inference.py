@@ -1,8 +1,10 @@
-"""predict / evaluate / export against a real tiny training run (digits, one epoch, single process).
+"""predict / evaluate / export against real tiny training runs (single process).
 
-Most commands run in this process through `cli.main.main` (fast, and the exit status and
-stderr line are the same ones the console script gives); evaluate also runs as a real
-2-rank torchrun job.
+Two runs: digits with the seed CNN (one epoch), and a tutorial-style transfer-learning run
+(resnet18 on a small image folder whose files are deleted right after training, as when a
+model is deployed elsewhere). Most commands run in this process through `cli.main.main`
+(fast, and the exit status and stderr line are the same ones the console script gives);
+evaluate also runs as a real 2-rank torchrun job.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def foreign_checkpoints(tmp_path, newest) -> dict[str, Path]:
     ("empty folder", r"no checkpoint in .*"),
     ("unreadable image", r"cannot read image .*broken\.png"),
     ("missing image", r"input not found: .*absent\.png"),
-    ("--model of another architecture", r"holds a cnn model .*not resnet18"),
+    ("--model of another architecture", r"holds a cnn\b.*, not resnet18"),
     ("manifest declares another model", r"does not fit the model"),
     ("damaged model file", r"does not match its sha256"),
     ("bad --top-k", r"--top-k must be >= 1"),
@@ -171,7 +173,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, run_dir, digit_pngs,
     (tmp_path / "empty").mkdir()
     args = {"missing checkpoint": ["--checkpoint", tmp_path / "nowhere"],
             "empty folder": ["--checkpoint", tmp_path / "empty"],
-            "unreadable image": ["--checkpoint", run_dir, digit_pngs[0], broken],
+            "unreadable image": ["--checkpoint", run_dir, broken],  # the only input: nothing to predict
             "missing image": ["--checkpoint", run_dir, tmp_path / "absent.png"],
             "--model of another architecture": ["--checkpoint", run_dir, "--model", "resnet18"],
             "manifest declares another model": ["--checkpoint", foreign_checkpoints["relabelled"]],
@@ -258,8 +260,8 @@ def test_export_refuses_to_overwrite_without_force_and_refuses_a_foreign_model(c
     code, stdout, err = cli(capsys, "export", "--checkpoint", foreign_checkpoints["relabelled"], "--out", other)
     assert code == 2 and "does not fit the model" in err
     code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--model", "mlp", "--out", other)
-    assert code == 2 and "holds a cnn model" in err
-    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "model.onnx")
+    assert code == 2 and re.search(r"holds a cnn\b.*, not mlp", err), err
+    code, stdout, err = cli(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "model.bin")
     assert code == 2 and ".safetensors or .pt" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
@@ -299,7 +301,7 @@ def test_evaluate_command_in_one_process_prints_loss_accuracy_and_confusion(caps
     result, _ = single_process_reference(newest, "test", 16)
     code, out, err = cli(capsys, "evaluate", "--checkpoint", run_dir, "--split", "test", "--batch-size", "16")
     assert code == 0, err
-    assert out.startswith(f"checkpoint {newest} (step 40, cnn)\n")
+    assert out.startswith(f"checkpoint {newest} (step 40, cnn, classification)\n")
     assert f"test: 270 samples  loss {result.loss:.4f}  accuracy {result.accuracy:.4f}" in out
     assert "per-class accuracy:" in out and "confusion matrix (rows: true class, columns: predicted):" in out
     rows = [line.split() for line in out.splitlines()[-10:]]
@@ -318,3 +320,167 @@ def test_evaluate_val_reproduces_the_validation_of_training(newest):
     text = "\n".join(format_result(report))
     assert f"val: {result.count} samples  loss {result.loss:.4f}" in text
     assert "per-class accuracy:" in text and "confusion matrix (rows: true class" in text
+
+
+# -- the tutorial workflow: transfer learning on an image folder, deployed without the data ------------
+
+CLASSES = ("ants", "bees", "wasps")
+COLOURS = {"ants": (200, 40, 40), "bees": (230, 200, 30), "wasps": (40, 40, 200)}
+
+
+def image(label: str, i: int, size: tuple[int, int] = (48, 36)):
+    """A class-coloured picture with a bar in it, never square: resize and crop both matter."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", size, tuple(max(0, c - 6 * i) for c in COLOURS[label]))
+    ImageDraw.Draw(picture).rectangle((4 + i, 6, 20 + i, 12), fill=(255, 255, 255))
+    return picture
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> Path:
+    """resnet18 trained on an image folder (train/ and val/); the folder is gone afterwards."""
+    base = tmp_path_factory.mktemp("tutorial")
+    data = base / "hymenoptera"
+    for split, count in (("train", 4), ("val", 2)):
+        for label in CLASSES:
+            (data / split / label).mkdir(parents=True)
+            for i in range(count):
+                image(label, i).save(data / split / label / f"{i}.jpg")
+    run = base / "run"
+    result = run_cli(["train", "--run-dir", str(run), "--dataset", "image_folder", "--data-root", str(data),
+                      "--model", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "6",
+                      "--no-progress"], timeout=400)
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(data)
+    return run
+
+
+def test_every_manifest_records_the_preprocessing(newest, folder_run):
+    manifest = json.loads((sorted(folder_run.glob("ckpt-*"))[-1] / "manifest.json").read_text())
+    record = manifest["data_info"]["preprocessing"]
+    assert {k: record[k] for k in ("input", "image_mode", "channels", "image_size", "resize", "center_crop",
+                                   "mean", "std", "class_names")} == {
+        "input": "image", "image_mode": "RGB", "channels": 3, "image_size": 32, "resize": 37, "center_crop": 32,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "class_names": list(CLASSES)}
+    assert record["torchvision"] == ("image.convert('RGB') -> Compose([Resize(37), CenterCrop(32), ToTensor(), "
+                                     "Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])")
+    digits = json.loads((newest / "manifest.json").read_text())["data_info"]
+    assert digits["preprocessing"]["image_mode"] == "L" and digits["preprocessing"]["resize"] == [8, 8]
+    assert digits["preprocessing"]["mean"] == [digits["mean"]] and digits["preprocessing"]["std"] == [digits["std"]]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_backbone_export_loads_into_plain_torchvision_with_the_tutorial_code(capsys, tmp_path, monkeypatch,
+                                                                             folder_run, suffix):
+    import torchvision
+    from PIL import Image
+    from torch import nn
+    from torchvision import transforms as T
+
+    out = tmp_path / f"model{suffix}"
+    code, _, err = cli(capsys, "export", "--checkpoint", folder_run, "--out", out)
+    assert code == 0, err
+    model = torchvision.models.resnet18()
+    model.fc = nn.Linear(512, 3)
+    if suffix == ".pt":
+        model.load_state_dict(torch.load(out, weights_only=True))
+    else:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(out))
+    model.eval()
+
+    # The sidecar alone says how to preprocess: the user rebuilds it with torchvision, no dist_train.
+    info = json.loads(Path(f"{out}.json").read_text())
+    assert info["state_dict_keys"] == "torchvision" and info["class_names"] == list(CLASSES)
+    assert info["torchvision"]["head"] == "model.fc = nn.Linear(512, 3)"
+    pre = info["preprocessing"]
+    preprocess = T.Compose([T.Resize(pre["resize"]), T.CenterCrop(pre["center_crop"]), T.ToTensor(),
+                            T.Normalize(pre["mean"], pre["std"])])
+    pictures = [image(label, 1, (60, 44)) for label in CLASSES]
+    inputs = torch.stack([preprocess(p.convert(pre["image_mode"])) for p in pictures])
+    loaded, _ = reference_model(folder_run)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), loaded.model(inputs))
+
+    readme = Path(f"{out}.README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert "torchvision.models.resnet18()" in snippet and "dist_train" not in snippet
+    monkeypatch.chdir(out.parent)
+    capsys.readouterr()
+    exec(compile(snippet, "README snippet", "exec"), {})
+    assert capsys.readouterr().out.strip() in CLASSES
+
+
+def reference_model(run: Path):
+    from dist_train.inference.loading import load_model
+
+    loaded = load_model(str(run))
+    return loaded, sorted(run.glob("ckpt-*"))[-1]
+
+
+def test_predict_on_new_images_needs_only_the_checkpoint(capsys, tmp_path, folder_run):
+    """The training folder is gone; new pictures of other sizes and modes are preprocessed as validation was."""
+    from PIL import Image
+
+    from dist_train.data.transforms import eval_transform
+
+    new = tmp_path / "new"
+    new.mkdir()
+    image("bees", 2, (90, 70)).save(new / "bee.png")
+    image("ants", 3, (50, 64)).convert("L").save(new / "ant-gray.jpg")
+    image("wasps", 0, (40, 40)).convert("RGBA").save(new / "wasp.png")
+    code, out, err = cli(capsys, "predict", "--checkpoint", folder_run, new, "--top-k", "3", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    files = [str(new / n) for n in ("ant-gray.jpg", "bee.png", "wasp.png")]
+    assert [p["input"] for p in report["predictions"]] == files
+
+    loaded, checkpoint = reference_model(folder_run)
+    record = json.loads((checkpoint / "manifest.json").read_text())["data_info"]["preprocessing"]
+    transform = eval_transform(record)
+    inputs = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    classes, probabilities = expected_top(loaded, inputs, 3)
+    for prediction, want_classes, want_probs in zip(report["predictions"], classes, probabilities):
+        assert [t["class"] for t in prediction["top_k"]] == want_classes
+        assert [t["name"] for t in prediction["top_k"]] == [CLASSES[c] for c in want_classes]
+        assert [t["probability"] for t in prediction["top_k"]] == pytest.approx(want_probs, abs=1e-6)
+
+
+def test_a_file_named_twice_is_predicted_once_and_a_broken_one_does_not_stop_the_rest(capsys, tmp_path, run_dir,
+                                                                                     digit_pngs):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for path in digit_pngs:
+        shutil.copy(path, folder / path.name)
+    (folder / "b-truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 40)
+    named = folder / digit_pngs[1].name
+    code, out, err = cli(capsys, "predict", "--checkpoint", run_dir, named, folder, f"{folder}/../scans", "--json")
+    assert code == 1
+    assert err.splitlines() == [f"dist-train: error: cannot read image {folder / 'b-truncated.jpg'}: "
+                                "not an image Pillow can decode"]
+    report = json.loads(out)
+    inputs = [p["input"] for p in report["predictions"]]
+    assert inputs == [str(named)] + [str(folder / p.name) for p in digit_pngs if p.name != named.name]
+    assert report["failed"] == [{"input": str(folder / "b-truncated.jpg"),
+                                 "error": f"cannot read image {folder / 'b-truncated.jpg'}: "
+                                          "not an image Pillow can decode"}]
+
+    code, out, err = cli(capsys, "predict", "--checkpoint", run_dir, folder)
+    assert code == 1 and len(err.splitlines()) == 1 and "b-truncated.jpg" in err
+    assert len(out.splitlines()) == 1 + len(digit_pngs)
+
+
+def test_a_checkpoint_from_before_the_record_still_predicts_files(capsys, tmp_path, newest, digit_pngs):
+    old = tmp_path / newest.name
+    shutil.copytree(newest, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["data_info"]["preprocessing"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    results = []
+    for checkpoint in (newest, old):
+        code, out, err = cli(capsys, "predict", "--checkpoint", checkpoint, *digit_pngs, "--json")
+        assert code == 0, err
+        results.append([p["top_k"] for p in json.loads(out)["predictions"]])
+    assert results[0] == results[1]

@@ -17,7 +17,7 @@ import signal
 import boto3
 import pytest
 
-from conftest import TINY, call_cli, run_cli
+from conftest import TINY, call_cli
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint.retention import delete_checkpoint
 from dist_train.checkpoint.storage import Storage
@@ -115,9 +115,9 @@ def test_a_server_ignoring_conditional_writes_gets_one_warning_and_check_then_wr
     assert checked.create_exclusive("x", b"first") and not checked.create_exclusive("x", b"second")
     assert checked.read("x") == b"first"
 
-    result = run_cli(["train", "--run-dir", url, *TINY, "--max-steps", "6", "--checkpoint-every", "3"],
-                     env=ignoring_server)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = shared().run(["train", "--run-dir", url, *TINY, "--max-steps", "6", "--checkpoint-every", "3"],
+                          env=ignoring_server)
+    assert result.rc == 0, result.output[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "conditional writes" in line]
     assert len(warnings) == 1 and "best-effort" in warnings[0], result.stderr[-3000:]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env["AWS_ENDPOINT_URL"])  # read back straight from moto
@@ -130,9 +130,9 @@ def test_a_server_ignoring_conditional_writes_gets_one_warning_and_check_then_wr
 @pytest.mark.timeout(60)
 def test_strict_fencing_refuses_such_a_server_with_one_line_and_writes_nothing(ignoring_server, s3_env,
                                                                                s3_bucket):
-    result = run_cli(["train", "--run-dir", f"s3://{s3_bucket}/run", *TINY, "--max-steps", "6",
-                      "--strict-fencing"], env=ignoring_server)
-    assert result.returncode == 2, result.stderr[-3000:]
+    result = shared().run(["train", "--run-dir", f"s3://{s3_bucket}/run", *TINY, "--max-steps", "6",
+                           "--strict-fencing"], env=ignoring_server)
+    assert result.rc == 2, result.output[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ignores conditional writes" in lines[0] and "--strict-fencing" in lines[0], lines
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -190,7 +190,7 @@ def test_user_model_and_data_with_regression_learn_resume_exactly_evaluate_and_e
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = run_cli(["evaluate", "--checkpoint", str(run_dir)], cwd=elsewhere)
-    one_line_error(result, "userpkg.models")
+    one_line_error(result, "module userpkg.models not found")
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +321,7 @@ def test_python_api_script_with_stateful_extra_and_callbacks(tmp_path, huber_ref
 
 BAD = [
     (["--model", "userpkg.nowhere:build"], ["userpkg.nowhere"]),
-    (["--model", "userpkg.broken:build"], ["userpkg.broken", "userpkg_missing_dependency"]),
+    (["--model", "userpkg.broken:build"], ["userpkg.broken imports userpkg_missing_dependency"]),
     (["--model", "userpkg.models:nothing"], ["userpkg.models:nothing"]),
     (["--model", "userpkg.bad:raises"], ["userpkg.bad:raises", "failed on purpose"]),
     (["--model", "userpkg.bad:not_a_module"], ["userpkg.bad:not_a_module", "torch.nn.Module"]),

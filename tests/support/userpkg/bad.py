@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 
-def raises(**kwargs):
+def raises(*args, **kwargs):
     raise RuntimeError("the user's factory failed on purpose")
 
 
-def not_a_module(**kwargs):
+def not_a_module(*args, **kwargs):
     return {"weights": [1, 2, 3]}
 
 
