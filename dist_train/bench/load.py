@@ -13,20 +13,26 @@ on a warm page cache:
   every tensor), one file after the other;
 - hash_floor: sha256 of the largest file's bytes from memory. sha256 is sequential, so no
   verified load can beat it: it is the floor of `verified` on any number of cores.
+
+Each side starts with the C heap's free memory handed back (`fresh_heap`), like a resuming
+process, and is timed in wall seconds and CPU seconds (all threads): on a machine whose
+cores other jobs hold, the CPU seconds say what each side costs.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 import struct
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
-from dist_train.bench.measure import Figure, Stopwatch, alternate, log
+from dist_train.bench.measure import Figure, alternate, log
 from dist_train.bench.workload import build_state
 from dist_train.checkpoint.serialization import FormatError, SKELETON_KEY, TensorFile, tensor_file, tree_file, unflatten
 from dist_train.checkpoint.state import read_payload
@@ -70,6 +76,44 @@ def old_read_payload(folder: Storage, manifest: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def _malloc_trim() -> Callable[[], None]:
+    """Hand the C heap's free memory back to the kernel (glibc), or do nothing elsewhere."""
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return lambda: trim(0) and None
+
+
+_trim = _malloc_trim()
+
+
+def fresh_heap() -> None:
+    """Start a side the way a resuming process starts: no freed tensor memory left to reuse.
+
+    Otherwise whichever side runs after a large free reuses its pages (no page faults, a
+    third of torch.load's CPU time here) and the ratio depends on the order of the sides.
+    """
+    gc.collect()
+    _trim()
+
+
+class _Timed:
+    """Wall seconds and CPU seconds (every thread of this process) of a block."""
+
+    def __enter__(self) -> "_Timed":
+        fresh_heap()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.cpu_seconds = time.process_time() - self.cpu_started
+
+
 class LoadBench:
     def __init__(self, work_dir: str, state_bytes: int, repeats: int):
         self.root = os.path.join(work_dir, "load")
@@ -92,30 +136,30 @@ class LoadBench:
         self.largest = self.folder.read(largest)
         del state, model, optimizer
 
-    def verified(self) -> float:
-        with Stopwatch() as watch:
+    def verified(self) -> _Timed:
+        with _Timed() as watch:
             payload = read_payload(self.folder, self.manifest, verify_sha=True)
         if not payload.model:
             raise FormatError("benchmark checkpoint read back without its model")
         del payload
-        return watch.seconds
+        return watch
 
-    def torch_load(self) -> float:
-        with Stopwatch() as watch:
+    def torch_load(self) -> _Timed:
+        with _Timed() as watch:
             state = torch.load(self.torch_path, weights_only=True)
         del state
-        return watch.seconds
+        return watch
 
-    def old_path(self) -> float:
-        with Stopwatch() as watch:
+    def old_path(self) -> _Timed:
+        with _Timed() as watch:
             state = old_read_payload(self.folder, self.manifest)
         del state
-        return watch.seconds
+        return watch
 
-    def hash_floor(self) -> float:
-        with Stopwatch() as watch:
+    def hash_floor(self) -> _Timed:
+        with _Timed() as watch:
             hashlib.sha256(self.largest).digest()
-        return watch.seconds
+        return watch
 
     def run(self) -> list[Figure]:
         sides = {"verified": self.verified, "torch_load": self.torch_load, "old_path": self.old_path,
@@ -124,10 +168,15 @@ class LoadBench:
                  self.repeats)
         for side in sides.values():
             side()
-        r = alternate(self.repeats, sides)
+        timed = alternate(self.repeats, sides)
+        r = {side: [t.seconds for t in runs] for side, runs in timed.items()}
+        cpu = {side: [t.cpu_seconds for t in runs] for side, runs in timed.items()}
         raw = {"checkpoint_bytes": self.nbytes, "torch_save_bytes": self.torch_bytes,
                "largest_file_bytes": len(self.largest), "verified_s": r["verified"], "torch_load_s": r["torch_load"],
                "old_path_s": r["old_path"], "hash_floor_s": r["hash_floor"],
+               "verified_cpu_s": cpu["verified"], "torch_load_cpu_s": cpu["torch_load"],
+               "old_path_cpu_s": cpu["old_path"], "hash_floor_cpu_s": cpu["hash_floor"],
+               "cpu_ratio": [a / b for a, b in zip(cpu["verified"], cpu["torch_load"])],
                "verified_MBps": [self.nbytes / s / 1e6 for s in r["verified"]],
                "torch_load_MBps": [self.torch_bytes / s / 1e6 for s in r["torch_load"]],
                "floor_ratio": [h / t for h, t in zip(r["hash_floor"], r["torch_load"])], "cpus": os.cpu_count()}
@@ -137,11 +186,14 @@ class LoadBench:
         figure.raw = raw
         figure.notes.append("floor_ratio: sha256 of the largest file alone / torch.load; sha256 is sequential, "
                             "so the verified load cannot go below it")
+        figure.notes.append("cpu_ratio: CPU seconds (all threads) of the verified load / of torch.load: the work "
+                            "done, steadier than wall time when other processes hold the cores")
         old = Figure("load_ratio_old_path", "the read path before reader.py (read whole, hash, "
                      "safetensors.torch.load) / torch.load(weights_only=True)", "")
         old.ratios = [a / b for a, b in zip(r["old_path"], r["torch_load"])]
         old.raw = {"old_path_s": r["old_path"], "torch_load_s": r["torch_load"],
-                   "old_over_verified": [o / v for o, v in zip(r["old_path"], r["verified"])]}
+                   "old_over_verified": [o / v for o, v in zip(r["old_path"], r["verified"])],
+                   "old_cpu_over_verified_cpu": [o / v for o, v in zip(cpu["old_path"], cpu["verified"])]}
         return [figure, old]
 
     def close(self) -> None:

@@ -33,6 +33,10 @@ class CheckpointConfig:
                                     kind=bool)
     verify: str = option("sha256", "how resume checks a checkpoint before loading it", kind=str,
                          choices=("sha256", "size"))
+    checkpoint_writers: str | None = option(None, "who writes a checkpoint: all (every rank writes and hashes "
+                                            "its share in parallel; the default with --parallelism fsdp) or rank0 "
+                                            "(rank 0 writes everything; the default with ddp)", kind=str,
+                                            nullable=True, choices=("all", "rank0"))
     local_cache: str | None = option(None, "node-local folder (e.g. /dev/shm/NAME or a local NVMe path) that "
                                      "also keeps the newest committed checkpoint, for fast restarts", kind=str,
                                      nullable=True)

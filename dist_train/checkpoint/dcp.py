@@ -238,8 +238,8 @@ def _check_fits(index: CheckpointIndex, flat: dict[str, Any], with_optimizer: bo
             raise UserError(f"checkpoint {index.folder.url()} does not fit the model: {key[6:]} is "
                             f"{list(index.tensors[key].shape)} there, {list(value.shape)} here")
     if with_optimizer:
-        absent = sorted(key for key, value in flat.items()
-                        if key.startswith("optimizer.") and isinstance(value, torch.Tensor) and key not in index.tensors)
+        absent = sorted(key for key, value in flat.items() if key.startswith("optimizer.")
+                        and isinstance(value, torch.Tensor) and key not in index.tensors)
         if absent:
             raise UserError(f"checkpoint {index.folder.url()}: its optimizer state does not fit this run's "
                             f"optimizer (no {absent[0][len('optimizer.'):]})")

@@ -99,7 +99,8 @@ def read_header(folder: Storage, rel: str, size: int) -> tuple[dict[str, Any], i
     return header, 8 + length
 
 
-def _entries_of(header: dict[str, Any], rel: str, data_start: int, size: int) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+def _entries_of(header: dict[str, Any], rel: str, data_start: int,
+                size: int) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

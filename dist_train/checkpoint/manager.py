@@ -99,7 +99,8 @@ class CheckpointManager:
                  storage_options: dict | None = None, *, keep_best: int | None = None,
                  keep_every: int | None = None, verify: str = "sha256", env: DistEnv | None = None,
                  max_consecutive_failures: int = 3, on_commit: Callable[[Committed], None] | None = None,
-                 strict_fencing: bool = False, local_cache: str | None = None, local_cache_keep: int = 1):
+                 strict_fencing: bool = False, local_cache: str | None = None, local_cache_keep: int = 1,
+                 writers: str = "rank0"):
         if keep_last is not None and keep_last < 1:
             raise UserError(f"keep_last must be >= 1, got {keep_last}")
         if verify not in ("sha256", "size"):
@@ -109,6 +110,11 @@ class CheckpointManager:
         self.storage = Storage(run_dir, self.options)
         self.env.on_every_rank(lambda: self.storage.check_reachable() if self.env.is_rank0 else None)
         self.verify = verify
+        if writers not in ("rank0", "all"):
+            raise UserError(f"writers must be rank0 or all, got {writers!r}")
+        self.writers = writers  # all: every rank writes its share of the model and optimizer (sharded)
+        self._sharded = None
+        self._fsdp_target = False  # restoring into an FSDP model: model and optimizer load resharded
         self.policy = RetentionPolicy(keep_last, keep_best, keep_every)
         self.async_save = async_save
         self.max_consecutive_failures = max_consecutive_failures
@@ -136,15 +142,21 @@ class CheckpointManager:
         Corrupt or partial checkpoints are skipped and reported; all ranks load the same one.
         """
         _check_state(state)
+        from dist_train.distributed.parallel import is_fsdp
+        self._fsdp_target = "model" in state and is_fsdp(unwrap(state["model"]))
         payload = self._choose(source, check)
         if payload is None:
             return None
-        missing = [name for name in state if name not in payload.entries]
+        resharded = ()
+        if self._resharding(payload.manifest):
+            resharded = self._load_resharded(state, payload)
+        missing = [name for name in state if name not in payload.entries and name not in resharded]
         if missing:
             raise UserError(f"checkpoint {self.resumed_url} has no entry for "
                             f"{', '.join(map(repr, missing))} (it holds {', '.join(sorted(payload.entries))})")
         for name in state:
-            restore_entry(state, name, payload.entries[name])
+            if name not in resharded:
+                restore_entry(state, name, payload.entries[name])
         self.restored_rng = self._restore_rng(payload.entries.get(RNG))
         self.resumed_from = payload.manifest
         if source == "auto":
@@ -197,9 +209,9 @@ class CheckpointManager:
             url, manifest = candidate
             problem, payload = None, None
             try:
-                payload = self._read_cached(url, manifest)
+                payload = None if self._resharding(manifest) else self._read_cached(url, manifest)
                 if payload is None:
-                    payload = read_payload(Storage(url, self.options), manifest, verify_sha=self.verify == "sha256")
+                    payload = self._read(Storage(url, self.options), manifest)
             except CorruptCheckpoint as exc:
                 problem = str(exc)
             except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
@@ -213,6 +225,34 @@ class CheckpointManager:
                 env.agree(f"--resume {url} is not a valid checkpoint: {problems[0]}")
             if env.is_rank0:
                 resolver.log_skip(catalog.Verdict(catalog.CheckpointRef(0, 0, url), url, False, problems[0]))
+
+    def _load_resharded(self, state: dict[str, Any], payload: Payload) -> tuple[str, ...]:
+        """Model (and optimizer) through DCP's planner: any saved world size or layout into this one."""
+        from dist_train.checkpoint.dcp import load_state
+
+        optimizer = state.get("optimizer")
+        load_state(self.env, payload.folder, payload.manifest, unwrap(state["model"]), optimizer, verify_sha=False)
+        return ("model", "optimizer") if optimizer is not None else ("model",)
+
+    def _resharding(self, manifest: dict[str, Any]) -> bool:
+        """Model and optimizer go through DCP's planner (resharded): a sharded checkpoint, or an FSDP model."""
+        from dist_train.checkpoint.sharded import is_sharded
+        return is_sharded(manifest) or self._fsdp_target
+
+    def _read(self, folder: Storage, manifest: dict[str, Any]) -> Payload:
+        """This rank's reading of a candidate: whole entries, and (resharding) its share of the shards' hashes."""
+        if not self._resharding(manifest):
+            return read_payload(folder, manifest, verify_sha=self.verify == "sha256")
+        from dist_train.checkpoint.dcp import files_to_load
+        from dist_train.checkpoint.index import verify_share
+
+        if self.verify == "sha256":
+            problem = verify_share(folder, manifest, self.env.rank, self.env.world_size, files_to_load(manifest))
+            if problem:
+                raise CorruptCheckpoint(problem)
+        payload = read_payload(folder, manifest, verify_sha=self.verify == "sha256", skip=("model", "optimizer"))
+        payload.folder = folder
+        return payload
 
     def _read_cached(self, url: str, manifest: dict[str, Any]) -> Payload | None:
         """This node's cached copy of the chosen checkpoint, verified while read; None: read the run dir."""
@@ -274,11 +314,21 @@ class CheckpointManager:
             if config_yaml is not None:
                 self.storage.write_bytes("config.yaml", config_yaml.encode())
             log.info("attempt %d on run dir %s", generation, self.storage.display_url)
-        self.generation = env.broadcast_object(generation)
-        writer = CheckpointWriter(self.storage, self.generation, writer_id, AttemptRegistry(self.storage)) \
-            if env.is_rank0 else None
+        self.generation, writer_id = env.broadcast_object((generation, writer_id))
+        registry = AttemptRegistry(self.storage) if env.is_rank0 else None
+        writer = CheckpointWriter(self.storage, self.generation, writer_id, registry) \
+            if env.is_rank0 or self.writers == "all" else None
+        commit = None
+        if self.writers == "all":
+            from dist_train.checkpoint.sharded import ShardedSaver
+            self._sharded = ShardedSaver(env, writer)
+            commit = self._commit_sharded
+            if self.cache is not None and env.is_rank0:
+                log.warning("--local-cache keeps whole checkpoints only; with every rank writing its share "
+                            "(--checkpoint-writers all) restarts read the run dir")
+                self.cache = None
         self._saver = Checkpointer(env, self.storage, writer, self.policy, self.async_save,
-                                   self.max_consecutive_failures, self._committed)
+                                   self.max_consecutive_failures, self._committed, commit)
         if self._resumed_step is not None:
             self._saver.mark_committed(self._resumed_step)
         return self.generation
@@ -301,6 +351,8 @@ class CheckpointManager:
         world_size = self.env.world_size
 
         def snapshot(rng_states: list[dict[str, Any]], copy: bool) -> Snapshot:
+            if self.writers == "all":
+                return self._sharded_snapshot(step, state, rng_states, copy, manifest_fields())
             trees = {name: capture(value) for name, value in state.items()}
             if copy:
                 entries = {name: self._buffers.copy_tree(tree, name, defer) for name, tree in trees.items()}
@@ -308,14 +360,37 @@ class CheckpointManager:
             else:
                 entries, fill = {name: to_cpu_tree(tree) for name, tree in trees.items()}, None
             entries[RNG] = rng_states
-            manifest_fields = dict(fields or {})
-            manifest_fields.update({"epoch": epoch, "world_size": world_size, "reason": reason,
-                                    "entries": sorted(trees)})
+            return Snapshot(step, entries, manifest_fields(), fill)
+
+        def manifest_fields() -> dict[str, Any]:
+            out = dict(fields or {})
+            out.update({"epoch": epoch, "world_size": world_size, "reason": reason, "entries": sorted(state)})
             if metrics:
-                manifest_fields["metrics"] = dict(metrics)
-            return Snapshot(step, entries, manifest_fields, fill)
+                out["metrics"] = dict(metrics)
+            return out
 
         self._saver.save(step, snapshot, reason)
+
+    def _sharded_snapshot(self, step: int, state: Mapping[str, Any], rng_states: Any, copy: bool,
+                          fields: dict[str, Any]) -> Snapshot:
+        """Every rank's share of the model and optimizer; rank 0 also holds the whole small entries."""
+        from dist_train.checkpoint.sharded import collect_state
+
+        if "model" not in state:
+            raise UserError("checkpoint writers 'all' need a state entry named 'model'")
+        shard_state, pinned = collect_state(unwrap(state["model"]), state.get("optimizer"))
+        shard = self._sharded.snapshot(step, shard_state, pinned, copy=copy)
+        entries: dict[str, Any] = {}
+        if self.env.is_rank0:
+            for name, value in state.items():
+                if name not in ("model", "optimizer"):
+                    tree = capture(value)
+                    entries[name] = self._buffers.copy_tree(tree, name) if copy else to_cpu_tree(tree)
+            entries[RNG] = rng_states
+        return Snapshot(step, entries, fields, None, shard)
+
+    def _commit_sharded(self, snap: Snapshot) -> Committed:
+        return self._sharded.commit(snap.shard, dict(snap.fields), snap.files() if self.env.is_rank0 else None)
 
     def add_commit_listener(self, listener: Callable[[Committed], None]) -> None:
         """Call `listener(committed)` on rank 0 after each commit (from the writer thread when async)."""

@@ -33,9 +33,9 @@ import torch
 from dist_train.checkpoint.serialization import FormatError, Layout, TensorSink, header_size, parse_layout, tree_from
 from dist_train.checkpoint.storage import Storage
 
-LOCAL_RANGE = 8 * 2**20  # a pread; also the granularity of the hash cursor
+LOCAL_RANGE = 4 * 2**20  # a pread; also the granularity of the hash cursor (ranges stay in L3 until hashed)
 REMOTE_RANGE = 16 * 2**20  # a ranged GET
-LOCAL_CONCURRENCY = 4  # ranges in flight per file (page-cache copies, on few cores)
+LOCAL_CONCURRENCY = 2  # ranges in flight per file: the one being hashed and one read ahead
 REMOTE_CONCURRENCY = 8  # like the multipart upload's parts in flight
 HEADER_PROBE = 256 * 2**10  # first read of a file: the whole header, usually
 _IOV_MAX = 1024

@@ -41,8 +41,13 @@ SnapshotFn = Callable[[list[dict[str, Any]], bool], Snapshot]
 class Checkpointer:
     def __init__(self, env: DistEnv, storage: Storage, writer: CheckpointWriter | None, policy: RetentionPolicy,
                  async_mode: bool, max_consecutive_failures: int = 3,
-                 on_commit: Callable[[Committed, Snapshot], None] | None = None):
+                 on_commit: Callable[[Committed, Snapshot], None] | None = None,
+                 commit: Callable[[Snapshot], Committed] | None = None):
+        """`commit`, when given, is a collective commit every rank runs (sharded checkpoints: each
+        rank writes its share); by default rank 0 alone writes `snap.files()` with `writer`."""
         self.env = env
+        self.commit = commit
+        self.collective = commit is not None
         self.storage = storage
         self.writer = writer
         self.policy = policy
@@ -55,7 +60,7 @@ class Checkpointer:
         self.last_committed: Committed | None = None
         self.stall_seconds = 0.0  # training-thread time spent in save(), for benchmarks
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer") \
-            if (async_mode and env.is_rank0) else None
+            if (async_mode and (env.is_rank0 or self.collective)) else None
         self._in_flight: concurrent.futures.Future | None = None
         self._snapshot_ready: threading.Event | None = None  # set once the deferred snapshot copy is done
         self._val_losses: dict[str, float | None] = {}
@@ -78,7 +83,7 @@ class Checkpointer:
         self.last_step = step
         started = time.perf_counter()
         rng_states = self.env.gather_objects(capture_rng_state())
-        if self.env.is_rank0:
+        if self.env.is_rank0 or self.collective:
             self._wait_in_flight()
             snap = snapshot(rng_states, self.async_mode)
             snap.fields["reason"] = reason
@@ -148,8 +153,11 @@ class Checkpointer:
             fields = dict(snap.fields)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # pinned non_blocking copies must have landed
-            committed = self.writer.commit(snap.step, snap.files(), fields,
-                                           deferred={"model_digest": lambda: model_digest(snap.model)})
+            if self.commit is not None:
+                committed = self.commit(snap)
+            else:
+                committed = self.writer.commit(snap.step, snap.files(), fields,
+                                               deferred={"model_digest": lambda: model_digest(snap.model)})
         except SupersededError as exc:
             self.superseded = str(exc)
             log.error("checkpoint at step %d not committed: %s", snap.step, exc)
@@ -166,6 +174,8 @@ class Checkpointer:
             return
         self.consecutive_failures = 0
         self.last_committed = committed
+        if not self.env.is_rank0:
+            return  # a collective commit's other ranks: rank 0 logs, tells the listeners, applies retention
         self._val_losses[committed.name] = val_loss_of(committed.manifest)
         log.info("committed %s (step %d, %.1f MB, %.2fs)", committed.url, snap.step,
                  sum(f["size"] for f in committed.manifest["files"].values()) / 1e6, time.perf_counter() - started)

@@ -304,7 +304,8 @@ class ShardedSaver:
         self.group = group
         self._buffers = _Buffers()
 
-    def snapshot(self, step: int, state: dict[str, Any], pinned: Iterable[str] = (), copy: bool = False) -> ShardSnapshot:
+    def snapshot(self, step: int, state: dict[str, Any], pinned: Iterable[str] = (),
+                 copy: bool = False) -> ShardSnapshot:
         """This rank's share of `state` (from `collect_state`). `copy`: into reused CPU buffers, so the
         training thread may change the state while the commit runs; otherwise CPU views of the live tensors."""
         snap = take_share(state, self.env.rank, self.env.world_size, step, pinned,
@@ -422,21 +423,32 @@ class ShardedSaver:
         own = {(p.key, p.offsets): p.tensor for p in snap.sent_pieces()}
         own.update({(key, (0,) * tensor.dim()): tensor for key, tensor in snap.model_replicas.items()})
         digest = hashlib.sha256()
+        failure: Exception | None = None  # after a failure, keep receiving: the senders must not hang
         for key in sorted(tensors or {}):
             info = tensors[key]
             dtype, shape, chunks = info["dtype"], info["shape"], info["chunks"]
-            digest.update(digest_prefix(key, dtype, shape))
-            if _tiles_rows(chunks, shape):
-                for offsets, sizes, rank in chunks:
-                    digest.update(_raw_bytes(self._piece(own, key, offsets, sizes, dtype, rank)))
-                continue
-            full = torch.empty(shape, dtype=dtype)
+            rows = _tiles_rows(chunks, shape)
+            full = None if rows else torch.empty(shape, dtype=dtype)
+            if failure is None:
+                digest.update(digest_prefix(key, dtype, shape))
             for offsets, sizes, rank in chunks:
-                region = full
-                for dim, (start, length) in enumerate(zip(offsets, sizes)):
-                    region = region.narrow(dim, start, length)
-                region.copy_(self._piece(own, key, offsets, sizes, dtype, rank))
-            digest.update(_raw_bytes(full))
+                piece = self._piece(own, key, offsets, sizes, dtype, rank)
+                if failure is not None:
+                    continue
+                try:
+                    if rows:
+                        digest.update(_raw_bytes(piece))
+                        continue
+                    region = full
+                    for dim, (start, length) in enumerate(zip(offsets, sizes)):
+                        region = region.narrow(dim, start, length)
+                    region.copy_(piece)
+                except Exception as exc:  # noqa: BLE001 - raised once every piece was received
+                    failure = exc
+            if full is not None and failure is None:
+                digest.update(_raw_bytes(full))
+        if failure is not None:
+            raise failure
         return digest.hexdigest()
 
     def _piece(self, own: dict, key: str, offsets: tuple, sizes: tuple, dtype: torch.dtype, rank: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Snapshot:
     entries: dict[str, Any]
     fields: dict[str, Any] = field(default_factory=dict)
     fill: Callable[[], None] | None = None
+    shard: Any = None  # a sharded save: this rank's share of the model and optimizer (sharded.ShardSnapshot)
 
     @property
     def model(self) -> dict[str, torch.Tensor]:
@@ -126,6 +127,7 @@ class Payload:
     """A checkpoint read back: its manifest and each entry's state tree."""
     manifest: dict[str, Any]
     entries: dict[str, Any]
+    folder: Any = None  # where it was read from, for entries loaded later (resharded model and optimizer)
 
     @property
     def model(self) -> dict[str, torch.Tensor]:
@@ -143,9 +145,9 @@ def read_file(folder: Storage, manifest: dict[str, Any], name: str, verify_sha: 
 
 
 def read_payload(folder: Storage, manifest: dict[str, Any], verify_sha: bool = True,
-                 model_only: bool = False) -> Payload:
-    """Read and check the checkpoint's files; CorruptCheckpoint names the first problem."""
-    names = [MODEL] if model_only else entry_names(manifest)
+                 model_only: bool = False, skip: tuple[str, ...] = ()) -> Payload:
+    """Read and check the checkpoint's files (but the `skip` entries); CorruptCheckpoint names the first problem."""
+    names = [MODEL] if model_only else [name for name in entry_names(manifest) if name not in skip]
     if MODEL not in entry_names(manifest) and model_only:
         raise CorruptCheckpoint(f"manifest does not list {MODEL_FILE}")
     # The files are read, hashed and parsed side by side, straight into their tensors (reader.py).

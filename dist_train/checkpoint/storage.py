@@ -536,7 +536,10 @@ class S3Storage(Storage):
             self.create_exclusive(rel, b"probe")  # False only when a lost answer was retried: still ours
             return not self.create_exclusive(rel, b"probe again")
         finally:
-            self.delete(rel)
+            try:
+                self.delete(rel)
+            except Exception as exc:  # noqa: BLE001 - a leftover probe is harmless (no attempt number)
+                log.warning("could not delete the probe %s: %s", self.url(rel), describe_error(exc))
 
     def _no_atomic_create_reason(self) -> str:
         return "the server ignores conditional writes (If-None-Match: *)"

@@ -35,7 +35,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.bench.suite import FAMILIES, configure_logging, run_suite, settings_for
+    from dist_train.bench.suite import EXTRA_FAMILIES, FAMILIES, configure_logging, run_suite, settings_for
 
     settings = settings_for("tiny" if args.tiny else "quick" if args.quick else "full")
     if args.repeats is not None:
@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     families = FAMILIES
     if args.only:
         families = tuple(f.strip() for f in args.only.split(",") if f.strip())
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in FAMILIES + EXTRA_FAMILIES]
         if unknown or not families:
             raise UserError(f"--only: unknown benchmark family {', '.join(unknown) or '(none)'}; "
-                            f"choose from {', '.join(FAMILIES)}")
+                            f"choose from {', '.join(FAMILIES + EXTRA_FAMILIES)}")
     configure_logging(args.verbose)
 
     from dist_train.bench.report import table, to_json, write_json

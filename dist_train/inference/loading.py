@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint import resolver
+from dist_train.checkpoint.index import read_full_model
+from dist_train.checkpoint.sharded import is_sharded
 from dist_train.checkpoint.state import read_payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DATASETS_NEEDING_ROOT, DataConfig
@@ -84,7 +86,10 @@ def pick_device(name: str = "auto") -> torch.device:
 def read_weights(url: str, options: dict | None = None) -> Weights:
     """The model weights of a checkpoint folder, or of a run dir's newest valid checkpoint."""
     def read(verdict) -> dict[str, torch.Tensor]:
-        return read_payload(Storage(verdict.url, options), verdict.manifest, verify_sha=True, model_only=True).model
+        folder = Storage(verdict.url, options)
+        if is_sharded(verdict.manifest):  # every rank's shards, consolidated one tensor at a time
+            return read_full_model(folder, verdict.manifest, verify_sha=True)
+        return read_payload(folder, verdict.manifest, verify_sha=True, model_only=True).model
 
     verdict, state = resolver.newest_valid(url, options, read)
     return Weights(verdict.url, verdict.manifest, state)

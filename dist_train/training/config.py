@@ -51,6 +51,9 @@ class TrainConfig:
                        check=non_negative)
     deterministic: bool = option(False, "deterministic algorithms: a resumed run is bit-identical", kind=bool)
     amp: bool = option(False, "mixed precision (CUDA only; ignored on CPU)", kind=bool)
+    parallelism: str = option("ddp", "ddp: every rank holds the whole model (DistributedDataParallel); fsdp: "
+                              "parameters, gradients and optimizer state sharded over the ranks (FSDP2 "
+                              "fully_shard per block and on the root)", kind=str, choices=("ddp", "fsdp"))
     device: str = option("auto", "cuda when available, else cpu", kind=str, choices=DEVICES)
     log_every: int = option(10, "optimizer steps between train metrics lines", kind=int, check=positive)
     progress: bool = option(True, "tqdm progress bar on rank 0 when stderr is a terminal", kind=bool)

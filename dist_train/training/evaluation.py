@@ -19,8 +19,27 @@ from torch.utils.data import Dataset
 
 from dist_train.data.loader import eval_loader, to_device
 from dist_train.distributed.env import DistEnv
+from dist_train.distributed.parallel import is_fsdp
 from dist_train.training.metrics import MetricSums
 from dist_train.training.tasks import Task
+
+
+class PaddedShard(Dataset):
+    """Rank r's share of an evaluation split (r, r+W, ...), padded with weight-0 repeats to the same
+    length on every rank: `(input, target, weight)`."""
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int):
+        self.dataset = dataset
+        self.indices = list(range(rank, len(dataset), world_size))
+        self.length = -(-len(dataset) // world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        real = i < len(self.indices)
+        x, y = self.dataset[self.indices[i] if real else 0]
+        return x, y, float(real)
 
 
 @dataclass
@@ -60,17 +79,22 @@ def evaluate(env: DistEnv, model: nn.Module, dataset: Dataset, task: Task, batch
     sums = MetricSums(device)
     classes = num_classes if num_classes and task.has_classes else None
     confusion = torch.zeros((classes or 0) ** 2, dtype=torch.float64, device=device)
-    loader = eval_loader(dataset, batch_size, env.world_size, env.rank, num_workers, device.type == "cuda")
-    for inputs, targets in loader:
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
+    padded = is_fsdp(model)  # FSDP's forward is collective: every rank must run the same number of batches
+    source = PaddedShard(dataset, env.world_size, env.rank) if padded else dataset
+    loader = eval_loader(source, batch_size, 1 if padded else env.world_size, 0 if padded else env.rank,
+                         num_workers, device.type == "cuda")
+    for batch in loader:
+        inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
         with autocast(device, amp):
             outputs = model(inputs)
         losses, metrics = task.score(outputs, targets)
-        sums.add(losses, metrics, torch.ones_like(losses, dtype=torch.float32))
+        weight = batch[2].to(device=device, dtype=torch.float32) if padded \
+            else torch.ones_like(losses, dtype=torch.float32)
+        sums.add(losses, metrics, weight)
         if classes:
             labels = torch.as_tensor(targets, device=device)
-            confusion += torch.bincount(labels * classes + task.predicted_class(outputs),
-                                        minlength=classes * classes).double()
+            confusion += (torch.bincount(labels * classes + task.predicted_class(outputs), weights=weight.double(),
+                                         minlength=classes * classes))
     model.train(was_training)
     means = sums.reduce(env, agree_names=True)
     matrix = None

@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.config.job import JobConfig, dump_yaml
@@ -24,6 +23,7 @@ from dist_train.data.registry import build_datasets
 from dist_train.data.sampler import ResumableDistributedSampler
 from dist_train.determinism import enable_deterministic_algorithms, seed_process
 from dist_train.distributed.env import DistEnv
+from dist_train.distributed.parallel import apply_parallelism
 from dist_train.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_SUPERSEDED, UserError
 from dist_train.models.registry import ModelSpec, build_model, make_spec
 from dist_train.plugins import call_user, qualified_name
@@ -120,11 +120,15 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     """Everything the job needs, checked on every rank, then restored from the newest valid checkpoint."""
     if cfg.train.deterministic:
         enable_deterministic_algorithms()
+    writers = cfg.checkpoint.checkpoint_writers or ("all" if cfg.train.parallelism == "fsdp" else "rank0")
+    if cfg.train.parallelism == "fsdp" and writers == "rank0":
+        raise UserError("--parallelism fsdp needs --checkpoint-writers all: no rank holds the whole state "
+                        "to write it alone")
     checkpoints = CheckpointManager(cfg.checkpoint.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_checkpoint,
                                     cfg.checkpoint.storage_options, keep_best=cfg.checkpoint.keep_best,
                                     keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env,
                                     strict_fencing=cfg.checkpoint.strict_fencing, local_cache=cfg.checkpoint.local_cache,
-                                    local_cache_keep=cfg.checkpoint.local_cache_keep)
+                                    local_cache_keep=cfg.checkpoint.local_cache_keep, writers=writers)
     task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
     bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
     spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))
@@ -133,6 +137,8 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
                     "initialisation and will not learn; only the new head trains")
     seed_process(cfg.train.seed, "init")  # identical initial weights for every rank and world size
     model = env.on_every_rank(lambda: _instantiate(spec, factory, cfg.model.pretrained_weights)).to(env.device)
+    # FSDP shards the parameters in place (they become DTensors): before the optimizer is built on them.
+    module = apply_parallelism(model, env, cfg.train.parallelism, cfg.train.amp)
     extras = env.on_every_rank(lambda: _extras(code, model))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps(cfg, len(bundle.train), env.world_size))
@@ -140,7 +146,7 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     sampler = ResumableDistributedSampler(len(bundle.train), cfg.data.batch_size, env.world_size, env.rank,
                                           cfg.train.seed)
     progress = Progress()
-    parts = ModelParts(model, model, spec, task)
+    parts = ModelParts(module, model, spec, task)
     optim = OptimParts(optimizer, scheduler, scaler)
     data = DataParts(bundle, sampler, IndexedDataset(bundle.train, cfg.train.seed, reseed_per_sample=cfg.data.augment))
     job = Job(cfg, env, parts, optim, data, checkpoints, progress, extras, CallbackList(code.callbacks), False)
@@ -153,9 +159,6 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
         if env.is_rank0:
             log.info("world size changed (%d -> %d): RNG streams re-derived; data order stays exact",
                      (checkpoints.resumed_from or {}).get("world_size", 0), env.world_size)
-    if env.distributed:
-        parts.module = DistributedDataParallel(model, device_ids=[env.device.index]
-                                               if env.device.type == "cuda" else None)
     return job
 
 

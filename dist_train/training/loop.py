@@ -14,7 +14,6 @@ taken at the boundaries `--checkpoint-every` names, at each epoch end, and at th
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import itertools
 import json
@@ -37,6 +36,7 @@ from dist_train.data.loader import IndexedDataset, to_device, train_loader
 from dist_train.data.sampler import ResumableDistributedSampler
 from dist_train.determinism import seed_process
 from dist_train.distributed.env import DistEnv
+from dist_train.distributed.parallel import clip_grad_norm, grad_sync
 from dist_train.distributed.vote import BoundaryVote
 from dist_train.models.registry import ModelSpec
 from dist_train.training.callbacks import CallbackList
@@ -105,7 +105,7 @@ class Trainer:
         self._bar = None
         self._sample_log = self._open_sample_log()
         self._params = [p for p in model.raw.parameters() if p.requires_grad]
-        self._param_ptrs = {p.data_ptr() for p in model.raw.parameters()}
+        self._param_ptrs = {p.data_ptr() for p in model.raw.parameters()} if run.checkpoints.writers == "rank0" else set()
         self.vote = BoundaryVote(env)
         self._noticed = False
         self._stop_reason = "preempted"  # the reason recorded by the checkpoint of a preemption
@@ -217,8 +217,7 @@ class Trainer:
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             weight = (indices >= 0).to(device=device, dtype=torch.float32)
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if (last or not self.env.distributed) else module.no_sync()
-            with sync:
+            with grad_sync(module, enabled=last or not self.env.distributed):
                 with autocast(device, self.amp):
                     outputs = module(inputs)
                 losses, metrics = task.score(outputs, targets)
@@ -229,7 +228,7 @@ class Trainer:
         self.run.checkpoints.wait_snapshot()  # an async save may still be copying the weights
         if self.cfg.optim.grad_clip is not None:
             scaler.unscale_(self.optim.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
+            clip_grad_norm(self._params, self.cfg.optim.grad_clip)
         scaler.step(self.optim.optimizer)
         scaler.update()
         self.optim.optimizer.zero_grad(set_to_none=True)
@@ -323,12 +322,14 @@ class Trainer:
         # Parameters and optimizer state change only in the optimizer update, which waits for the
         # snapshot (`wait_snapshot`): their copies may run in the writer thread during the next forward
         # and backward pass. Buffers (BatchNorm statistics) change in the forward pass: copied now.
-        deferrable = set(self._param_ptrs)
-        for per_param in self.optim.optimizer.state.values():
-            deferrable.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+        defer = None
+        if self.run.checkpoints.writers == "rank0":
+            deferrable = set(self._param_ptrs)
+            for per_param in self.optim.optimizer.state.values():
+                deferrable.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+            defer = lambda t: t.data_ptr() in deferrable  # noqa: E731
         self.run.checkpoints.save(progress.step, self.checkpoint_state(), epoch=progress.epoch, reason=reason,
-                                  metrics=_clean(metrics), fields=_clean(fields),
-                                  defer=lambda t: t.data_ptr() in deferrable)
+                                  metrics=_clean(metrics), fields=_clean(fields), defer=defer)
 
     # -- progress bar and sample log ----------------------------------------------------------
 

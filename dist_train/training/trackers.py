@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 
 from dist_train.checkpoint.faults import describe_error
@@ -56,3 +57,5 @@ class TensorBoardTracker:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        if self._remote:
+            shutil.rmtree(self._local, ignore_errors=True)  # uploaded: the local folder was only staging

@@ -1,7 +1,7 @@
 """`dist-train export --format torchscript|onnx|exported-program`: files that run without dist_train.
 
-A tiny digits run is trained in this process (the Python API, 10 steps); each format is
-exported through the CLI entry point and then run the way a deployment would: onnxruntime
+The session's shared tiny digits run (conftest's SMALL_RUN) is exported in each format
+through the CLI entry point, and each file is run the way a deployment would: onnxruntime
 for ONNX, `torch.jit.load` and `torch.export.load` for the others, on the run's own
 validation samples.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import call_cli
+from conftest import SMALL_RUN, call_cli
 
 
 @pytest.fixture(autouse=True)
@@ -30,18 +30,8 @@ def restore_logging():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    from dist_train.api import train
-
-    path = tmp_path_factory.mktemp("formats") / "run"
-    logger = logging.getLogger("dist_train")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        assert train(argv=["--run-dir", str(path), "--max-steps", "10", "--batch-size", "32", "--no-progress",
-                           "--log-every", "5"]) == 0
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    return path
+def run_dir(trained_run) -> Path:
+    return trained_run(*SMALL_RUN)
 
 
 @pytest.fixture(scope="module")

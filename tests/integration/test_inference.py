@@ -1,8 +1,8 @@
 """predict / evaluate / export against real tiny training runs (single process).
 
-Two runs: digits with the seed CNN (one epoch), and a tutorial-style transfer-learning run
-(resnet18 on a small image folder whose files are deleted right after training, as when a
-model is deployed elsewhere). Most commands run in this process through `cli.main.main`
+Two runs, trained once per session (conftest's `trained_run`): digits with the seed CNN (one
+epoch), and a tutorial-style transfer-learning run (resnet18 on a small image folder whose
+files are deleted right after training, as when a model is deployed elsewhere). Most commands run in this process through `cli.main.main`
 (fast, and the exit status and stderr line are the same ones the console script gives);
 evaluate also runs as a real 2-rank torchrun job.
 """
@@ -19,17 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import call_cli, run_cli, run_torchrun
+from conftest import call_cli, run_torchrun
 
 TRAIN = ["--epochs", "1", "--batch-size", "32", "--checkpoint-every", "20", "--no-progress", "--log-every", "10"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("infer") / "run"
-    result = run_cli(["train", "--run-dir", str(path), *TRAIN])
-    assert result.returncode == 0, result.stderr
-    return path
+def run_dir(trained_run) -> Path:
+    return trained_run(*TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +335,7 @@ def image(label: str, i: int, size: tuple[int, int] = (48, 36)):
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory) -> Path:
+def folder_run(tmp_path_factory, trained_run) -> Path:
     """resnet18 trained on an image folder (train/ and val/); the folder is gone afterwards."""
     base = tmp_path_factory.mktemp("tutorial")
     data = base / "hymenoptera"
@@ -347,11 +344,8 @@ def folder_run(tmp_path_factory) -> Path:
             (data / split / label).mkdir(parents=True)
             for i in range(count):
                 image(label, i).save(data / split / label / f"{i}.jpg")
-    run = base / "run"
-    result = run_cli(["train", "--run-dir", str(run), "--dataset", "image_folder", "--data-root", str(data),
-                      "--model", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "6",
-                      "--no-progress"], timeout=400)
-    assert result.returncode == 0, result.stderr
+    run = trained_run("--dataset", "image_folder", "--data-root", str(data), "--model", "resnet18",
+                      "--image-size", "32", "--epochs", "1", "--batch-size", "6", "--no-progress")
     shutil.rmtree(data)
     return run
 
@@ -484,3 +478,40 @@ def test_a_checkpoint_from_before_the_record_still_predicts_files(capsys, tmp_pa
         assert code == 0, err
         results.append([p["top_k"] for p in json.loads(out)["predictions"]])
     assert results[0] == results[1]
+
+
+def write_fake_mnist(root: Path, n: int = 12) -> None:
+    """torchvision's MNIST files (idx format), small: enough for MNIST(root) to open them."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        pixels = generator.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels.tobytes())
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_torchvision_data_sets_record_the_preprocessing_predict_rebuilds(tmp_path):
+    """MNIST's record rebuilds validation's transform exactly, and sizes any other picture to 28x28."""
+    from PIL import Image
+
+    from dist_train.data.config import DataConfig
+    from dist_train.data.registry import build_datasets
+    from dist_train.data.transforms import eval_transform
+
+    write_fake_mnist(tmp_path)
+    bundle = build_datasets(DataConfig(dataset="mnist", data_root=str(tmp_path), val_fraction=0.25), seed=0)
+    record = bundle.info["preprocessing"]
+    assert {k: record[k] for k in ("image_mode", "channels", "image_size", "resize", "center_crop", "mean", "std")} \
+        == {"image_mode": "L", "channels": 1, "image_size": 28, "resize": [28, 28], "center_crop": None,
+            "mean": [0.1307], "std": [0.3081]}
+    assert record["class_names"] == bundle.class_names and len(record["class_names"]) == 10
+    transform = eval_transform(record)
+    base = bundle.val.base
+    for i in bundle.val.indices[:3]:
+        picture, _ = base[i]
+        assert torch.equal(transform(picture), bundle.val.transform(picture))
+    assert transform(Image.new("RGB", (100, 80), (200, 10, 10))).shape == (1, 28, 28)

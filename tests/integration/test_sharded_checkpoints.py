@@ -151,3 +151,17 @@ def test_sharded_save_and_load_on_s3_with_a_failing_rank(s3_env, s3_bucket, tmp_
     assert "injected" in failed["error"] and failed["run_dir_after"] == []
     assert ok["run_dir_after"] == ["ckpt-g0001-s0000000002"] and ok["manifest_digest"] == result["digest"]
     assert result["reload"]["differing"] == [] and result["reload"]["digest"] == result["digest"]
+
+
+@pytest.mark.timeout(500)
+def test_bench_sharded_family_runs_at_tiny_size(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--tiny", "--only", "sharded", "--json", str(out), "--work-dir", str(tmp_path / "w")],
+                     timeout=480)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("sharded_save_speedup", "sharded_save_speedup_s3", "sharded_vs_dcp_save", "fsdp_overhead"):
+        assert data[key]["error"] is None and data[key]["repeats"] == 1, (key, data[key])
+    assert not list((tmp_path / "w").iterdir())

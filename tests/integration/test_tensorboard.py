@@ -115,10 +115,12 @@ def test_tags_at_their_steps_and_no_step_twice_after_sigterm_and_a_resume_that_r
 def test_event_files_of_an_s3_run_dir_are_uploaded_and_readable(tmp_path, s3_env, s3_bucket):
     import boto3
 
-    run_url = f"s3://{s3_bucket}/runs/tb"
-    result = run_cli(["train", "--run-dir", run_url, *FLAGS, "--max-steps", "6", "--log-every", "2"], env=s3_env,
-                     timeout=100)
+    run_url, scratch = f"s3://{s3_bucket}/runs/tb", tmp_path / "scratch"
+    scratch.mkdir()
+    result = run_cli(["train", "--run-dir", run_url, *FLAGS, "--max-steps", "6", "--log-every", "2"],
+                     env={**s3_env, "TMPDIR": str(scratch)}, timeout=100)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(scratch.glob("dist-train-tb-*")), "the local staging folder of the events is removed"
 
     client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
     listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/tb/tensorboard/").get("Contents", [])

@@ -96,12 +96,9 @@ class SeaweedServer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        """SIGKILL: its data is thrown away, and a graceful stop takes seconds (volume flushes)."""
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.kill()
+        self.proc.wait()
         self.proc = None

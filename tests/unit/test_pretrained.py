@@ -9,7 +9,6 @@ smaller mobilenet_v3_small (a head inside a Sequential), on CPU.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

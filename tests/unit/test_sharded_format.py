@@ -157,7 +157,8 @@ def test_sharded_save_commits_a_valid_checkpoint_that_loads_back(tmp_path):
     folder = Storage(committed.url)
     load_state(ONE, folder, committed.manifest, fresh, fresh_optimizer)
     assert full(fresh, fresh_optimizer).keys() == full(model, optimizer).keys()
-    assert all(torch.equal(a, b) for a, b in zip(full(fresh, fresh_optimizer).values(), full(model, optimizer).values()))
+    got, expected = full(fresh, fresh_optimizer), full(model, optimizer)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert fresh_optimizer.param_groups[0]["betas"] == optimizer.param_groups[0]["betas"]
 
 
@@ -236,3 +237,19 @@ def test_a_corrupt_file_is_found_before_anything_loads(rank0_checkpoint, tmp_pat
     with pytest.warns(UserWarning), pytest.raises(CheckpointException, match="sha256"):
         dcp.load({"optimizer": {"state": {"0": {"exp_avg": torch.zeros(10, 6)}}}}, storage_reader=reader)
     json.loads(open(f"{committed.url}/manifest.json").read())  # untouched
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_the_streamed_digest_of_pieces_equals_the_digest_of_the_whole(dim, tmp_path):
+    from dist_train.checkpoint.sharded import Piece, ShardSnapshot, _digest_plan
+
+    whole = {"w": torch.randn(5, 4), "b": torch.randn(3)}
+    pieces = [Piece("b", whole["b"], (0,), (3,), sharded=True)]
+    for start, length in ((0, 2), (2, whole["w"].shape[dim] - 2)):  # rows (streamed) or columns (assembled)
+        offsets = (start, 0) if dim == 0 else (0, start)
+        part = whole["w"].narrow(dim, start, length).contiguous()
+        pieces.append(Piece("w", part, offsets, (5, 4), sharded=True))
+    snap = ShardSnapshot(1, 0, 1, {"model": pieces})
+    saver = ShardedSaver(ONE, writer_for(tmp_path))
+    plan = _digest_plan([snap.model_layout()], snap.model_replicas)
+    assert saver._stream_digest(snap, plan) == mf.model_digest(whole)
