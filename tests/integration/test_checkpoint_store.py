@@ -44,7 +44,8 @@ def test_a_committed_run_dir_verifies_and_lists(trained_run, capsys):
     for key in ("format_version", "step", "epoch", "world_size", "created_at", "files", "model_digest",
                 "torch_version", "config_hash", "metrics", "writer_id", "sampler"):
         assert key in manifest, key
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.safetensors"}
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "trainer.safetensors",
+                                      "rng.safetensors"}
 
 
 def _flip_byte(path: Path) -> None:
