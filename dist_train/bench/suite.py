@@ -15,12 +15,13 @@ from typing import Any, Callable
 from dist_train.bench.jobs import Workload
 from dist_train.bench.measure import Figure, log
 
-FAMILIES = ("io", "load", "s3", "training", "resume")
+FAMILIES = ("io", "load", "restart", "s3", "training", "resume")
 # Run only when asked for (`--only sharded`) until the default run's budget and smoke test include it.
 EXTRA_FAMILIES = ("sharded",)
 # Each family and the figures it produces (so a failed family still reports its keys).
 FIGURES = {"io": [("stall_ratio", "<= 0.05"), ("save_efficiency", ">= 0.80"), ("async_thread_vs_process", "")],
            "load": [("load_ratio", "<= 1.2"), ("load_ratio_old_path", "")],
+           "restart": [("restart_load_ratio", "<= 0.2")],
            "s3": [("s3_efficiency", ">= 0.85")],
            "training": [("trainer_overhead", "<= 1.03"), ("ddp_scaling", ">= 0.85"), ("checkpoint_overhead", "<= 1.035")],
            "resume": [("resume_ratio", "<= 1.5")],
@@ -63,6 +64,9 @@ def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]
     if name == "load":
         from dist_train.bench import load
         return load.run(work_dir, settings.state_bytes, settings.io_repeats)
+    if name == "restart":
+        from dist_train.bench import restart
+        return restart.run(work_dir, settings.state_bytes, settings.io_repeats)
     if name == "s3":
         from dist_train.bench import s3
         return s3.run(settings.s3_bytes, settings.repeats)

@@ -38,7 +38,8 @@ class DataBundle:
     image_size: int | None
     class_names: list[str] | None
     eval_transform: Callable[[Any], torch.Tensor] | None = None  # for predict on user images
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # into every manifest (data_info); built-ins put their
+    #                                                    preprocessing record under "preprocessing"
 
     def shape(self) -> dict[str, Any]:
         """What a model factory may be told: num_classes, in_channels, image_size (those known)."""

@@ -88,16 +88,16 @@ def _encode(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]) 
 
 # -- graphs ----------------------------------------------------------------------------------
 
-def input_shape(loaded: LoadedModel, preprocessing: dict[str, Any] | None) -> list[int]:
-    """(C, H, W) of one input: from the model spec, or the data set's tensor shape."""
-    channels, size = loaded.spec.in_channels, loaded.spec.image_size
+def input_shape(loaded: LoadedModel, preprocessing: dict[str, Any] | None) -> list[int] | None:
+    """(C, H, W) of one input, from the model spec and the preprocessing record; None when unknown."""
+    record = preprocessing or {}
+    if record.get("input") == "tensor" and isinstance(record.get("shape"), list):
+        return [int(v) for v in record["shape"]]
+    channels = loaded.spec.in_channels or record.get("channels")
+    size = loaded.spec.image_size or record.get("image_size")
     if isinstance(channels, int) and isinstance(size, int):
         return [channels, size, size]
-    shape = (preprocessing or {}).get("shape")
-    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape):
-        return shape
-    raise UserError(f"cannot export {loaded.spec.name} as a graph: its input shape is unknown (the data set "
-                    "reported no in_channels and image_size); export the weights instead")
+    return None
 
 
 @contextlib.contextmanager
@@ -162,8 +162,8 @@ def _describe(loaded: LoadedModel, fmt: str, filename: str, digest: str, preproc
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     info = {"file": filename, "format": fmt, "model": loaded.spec.as_dict(), "class_names": loaded.class_names,
             "model_digest": digest, "preprocessing": preprocessing,
-            "data": {"dataset": data.get("dataset"), "image_size": loaded.spec.image_size,
-                     "in_channels": loaded.spec.in_channels, "info": manifest.get("data_info") or {}},
+            "data": {"dataset": data.get("dataset"), "image_size": (preprocessing or {}).get("image_size"),
+                     "in_channels": (preprocessing or {}).get("channels"), "info": manifest.get("data_info") or {}},
             "source": {"checkpoint": loaded.url, "step": loaded.step, "epoch": manifest.get("epoch"),
                        "created_at": manifest.get("created_at")},
             "dist_train_version": dist_train.__version__, "torch_version": torch.__version__}
@@ -184,10 +184,9 @@ def _torchvision_head(loaded: LoadedModel) -> str:
 def _preprocess_code(info: dict[str, Any]) -> tuple[str, str]:
     """(setup, inputs): code that turns an image into the model's input batch, as validation did."""
     record = info.get("preprocessing") or {}
-    shape = info.get("input_shape") or [info["data"].get("in_channels"), info["data"].get("image_size"),
-                                        info["data"].get("image_size")]
     if record.get("input") != "image":
-        return "", f"inputs = torch.zeros(1, {', '.join(str(v) for v in shape)})  # a preprocessed float batch (N, C, H, W)"
+        shape = ", ".join(str(v) for v in info.get("input_shape") or ["C", "H", "W"])
+        return "", f"inputs = torch.zeros(1, {shape})  # a preprocessed float batch (N, C, H, W)"
     steps = []
     if record.get("resize") is not None:
         resize = record["resize"]
@@ -248,12 +247,12 @@ def readme(info: dict[str, Any]) -> str:
         run = "with torch.no_grad():\n    probabilities = model(inputs).softmax(dim=1)"
     note = (info.get("preprocessing") or {}).get("note")
     source = info["source"]
-    shape = (spec.get("shape") or {})
+    shape = "x".join(str(v) for v in info.get("input_shape") or ["?"])
     return f"""# Deploying `{filename}`
 
-A `{spec['name']}` model ({shape.get('num_classes')} classes, inputs of
-{shape.get('in_channels')}x{shape.get('image_size')}x{shape.get('image_size')}), format `{fmt}`, exported from checkpoint
-`{source['checkpoint']}` (step {source['step']}). `model_digest`: `{info['model_digest']}`.
+A `{spec['name']}` model ({len(info['class_names'])} classes, inputs of {shape}), format `{fmt}`,
+exported from checkpoint `{source['checkpoint']}` (step {source['step']}).
+`model_digest`: `{info['model_digest']}`.
 {how}
 
 `{filename}.json` holds the preprocessing (`preprocessing`: colour mode, resize, crop, mean/std,
@@ -321,8 +320,11 @@ def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | 
     existed = {path for path in targets if os.path.exists(path)}
     written: list[str] = []
     try:
+        shape = input_shape(loaded, preprocessing)
         if kind in GRAPH_FORMATS:
-            shape = input_shape(loaded, preprocessing)
+            if shape is None:
+                raise UserError(f"cannot export {loaded.spec.name} as a graph: its input shape is unknown (the data "
+                                "set reported no in_channels and image_size); export the weights instead")
             model = loaded.model.to("cpu").eval()
             example = torch.zeros(2, *shape)
             tmp = _temp_name(out)
@@ -332,7 +334,7 @@ def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | 
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            extra.update({"input_shape": shape, "input": "float32 (N, C, H, W), preprocessed; N is free",
+            extra.update({"input": "float32 (N, C, H, W), preprocessed; N is free",
                           "output": "logits (N, num_classes); softmax gives probabilities"})
         else:
             state, keys = deployable_state_dict(loaded.model)
@@ -344,7 +346,7 @@ def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | 
                         "model_digest": digest, "state_dict_keys": keys}
             _write_atomic(out, _encode(state, kind, metadata))
         written.append(out)
-        info = _describe(loaded, kind, os.path.basename(out), digest, preprocessing, extra)
+        info = _describe(loaded, kind, os.path.basename(out), digest, preprocessing, {"input_shape": shape, **extra})
         for path, data in zip(targets[1:], [(json.dumps(info, indent=1) + "\n").encode(), readme(info).encode()]):
             _write_atomic(path, data)
             written.append(path)

@@ -178,3 +178,121 @@ def test_sigkill_at_every_commit_and_prune_step_s3(server, s3_env, s3_bucket, tm
     _resume_cleans_up(server, before_manifest, s3_env)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "/")["Contents"]]
     assert not any(f"g0001-{STEP30}" in k for k in keys), "orphaned objects of the killed commit remain"
+
+
+# -- two writers (issue 14): every rank writes its share, rank 0 commits the manifest ----------------
+#
+# A 2-rank FSDP job (`--checkpoint-writers all`, the default for fsdp), its ranks forked from the same
+# server with torchrun's environment. Each rank numbers its own operations, the sharded save's
+# collectives included (DT_HOOK_COLLECTIVES: the gathers and broadcasts of `ShardedSaver`). For every
+# operation of either rank, from the start of the step-4 commit to the end of the job, a fresh job is
+# run with that rank SIGKILLed just before it; the other rank is left to notice the lost peer and stop
+# by itself (a launcher would also stop it). Then the same checks as above.
+
+SHARDED_JOB = ["train", "--parallelism", "fsdp", "--max-steps", "4", "--checkpoint-every", "2", "--keep-last", "1",
+               "--epochs", "1", "--batch-size", "32", "--log-every", "100", "--no-progress"]
+SHARDED_STEP = "s0000000004"
+COLLECTIVES = ("gather", "broadcast")
+
+
+def _start_ranks(server: ForkServer, argv: list[str], logs: Path, hooks: dict[str, str]) -> list[int]:
+    """Two ranks of one job, forked from the server, with the environment torchrun gives its workers."""
+    from conftest import free_port
+
+    port = str(free_port())
+    logs.mkdir(parents=True, exist_ok=True)
+    return [server.start(argv, logs / f"rank{rank}.log",
+                         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, hooks)
+            for rank in range(2)]
+
+
+def _commit_ops(ops: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """This rank's operations from the start of the step-4 save (the layout gather before its first
+    step-4 operation) to the end of the job."""
+    first = next(i for i, (_, _, rel) in enumerate(ops) if SHARDED_STEP in rel)
+    start = max(i for i in range(first) if ops[i][1] == "gather")
+    return ops[start:]
+
+
+def _two_writer_outcomes(ops: dict[int, list]) -> dict[tuple[int, int], set[int]]:
+    """(rank, operation number) -> the steps the newest valid checkpoint may have after that kill.
+
+    Rank 0: step 4 once its rename (the commit point) has run, else step 2. Rank 1: step 2 if killed
+    before it reported its files (the gather after its writes); its report received, rank 0 may
+    commit alone: killed before the decision broadcast it is a race whether rank 0's broadcast
+    fails first, so 2 or 4; killed before the outcome broadcast rank 0 has already decided, so 4.
+    A kill before an fsync (sync_dir) leaves exactly what a kill before the next operation leaves,
+    so those points are not repeated.
+    """
+    outcomes: dict[tuple[int, int], set[int]] = {}
+    rank0 = _commit_ops(ops[0])
+    rename = next(n for n, op, rel in rank0 if op == "rename" and SHARDED_STEP in rel)
+    for number, operation, _ in rank0:
+        if operation != "sync_dir":
+            outcomes[(0, number)] = {4} if number > rename else {2}
+    rank1 = _commit_ops(ops[1])
+    last_write = max(i for i, (_, op, _) in enumerate(rank1) if op == "write")
+    after = [n for n, op, _ in rank1[last_write + 1:]]
+    assert [op for _, op, _ in rank1[last_write + 1:]] == ["gather", "broadcast", "broadcast"], rank1
+    for number, operation, _ in rank1:
+        if operation == "sync_dir":
+            continue
+        outcomes[(1, number)] = {2} if number <= after[0] else {2, 4} if number == after[1] else {4}
+    return outcomes
+
+
+def _check_two_writers(url: str, allowed: set[int], what: str) -> int:
+    verdicts, payload = _state(url)
+    names = [v.ref.name for v in verdicts]
+    assert all(name.startswith("ckpt-") for name in names), f"{what}: a staging folder is listed: {names}"
+    valid = [v.ref.step for v in verdicts if v.valid]
+    assert valid and max(valid) in allowed, f"{what}: newest valid {valid}, expected one of {sorted(allowed)}"
+    newest = max(valid)
+    for verdict in verdicts:
+        if verdict.ref.step > newest:
+            assert not verdict.valid and verdict.reason, f"{what}: partial {verdict.ref.name} taken as valid"
+    assert payload is not None and payload.manifest["step"] == newest, f"{what}: resume took another"
+    if newest == 4:  # a committed 2-writer checkpoint: both ranks' shards listed and verified
+        manifest = payload.manifest
+        assert {"shards/rank00000/model.safetensors", "shards/rank00001/model.safetensors"} <= set(manifest["files"])
+    return newest
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_before_every_operation_of_a_two_writer_commit_local(server, tmp_path):
+    reference_log = tmp_path / "ref-ops.log"
+    pids = _start_ranks(server, [*SHARDED_JOB, "--run-dir", str(tmp_path / "reference")], tmp_path / "reference-logs",
+                        {"DT_HOOK_LOG": str(reference_log), "DT_HOOK_COLLECTIVES": "1"})
+    assert [server.wait(pid) for pid in pids] == [(0, None), (0, None)], \
+        (tmp_path / "reference-logs" / "rank0.log").read_text()[-3000:]
+    ops = {rank: read_ops(Path(f"{reference_log}.rank{rank}")) for rank in range(2)}
+    assert any(op == "delete" and rel.endswith("manifest.json") for _, op, rel in _commit_ops(ops[0])), \
+        "the reference job should prune step 2 after committing step 4"
+    outcomes = _two_writer_outcomes(ops)
+    seen: dict[tuple[int, int], int] = {}
+    for (rank, number), allowed in outcomes.items():
+        label = f"rank{rank}-kill{number}"
+        run_dir = tmp_path / label
+        pids = _start_ranks(server, [*SHARDED_JOB, "--run-dir", str(run_dir)], tmp_path / f"{label}-logs",
+                            {"DT_HOOK_KILL_AT": str(number), "DT_HOOK_RANK": str(rank), "DT_HOOK_COLLECTIVES": "1"})
+        results = [server.wait(pid, timeout=90) for pid in pids]
+        _, operation, rel = ops[rank][number - 1]
+        what = f"rank {rank} killed before its op {number} ({operation} {rel})"
+        assert results[rank] == (None, signal.SIGKILL), f"{what}: {results}"
+        seen[(rank, number)] = _check_two_writers(str(run_dir), allowed, what)
+    # Killed just before the rename, rank 0 leaves a complete staging folder: both ranks' shards and the
+    # manifest. It is not a checkpoint; the next attempt resumes from step 2 and removes it.
+    rename = next(n for n, op, rel in ops[0] if op == "rename" and SHARDED_STEP in rel)
+    killed = tmp_path / f"rank0-kill{rename}"
+    staging = [p for p in killed.iterdir() if p.name.startswith(".staging-")]
+    assert len(staging) == 1 and (staging[0] / "manifest.json").exists(), staging
+    assert {p.parent.name for p in staging[0].glob("shards/*/*.safetensors")} == {"rank00000", "rank00001"}
+    pids = _start_ranks(server, ["train", *SHARDED_JOB[1:], "--max-steps", "6", "--run-dir", str(killed)],
+                        tmp_path / "resume-logs", {})
+    results = [server.wait(pid, timeout=90) for pid in pids]
+    output = (tmp_path / "resume-logs" / "rank0.log").read_text()
+    assert results == [(0, None), (0, None)], output[-3000:]
+    assert "resuming from" in output and "ckpt-g0001-s0000000002" in output, output[-3000:]
+    assert not [p for p in killed.iterdir() if p.name.startswith(".staging-")], "staging not cleaned up"
+    assert manifests(killed)[-1]["step"] == 6

@@ -407,6 +407,21 @@ def test_backbone_export_loads_into_plain_torchvision_with_the_tutorial_code(cap
     assert capsys.readouterr().out.strip() in CLASSES
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_a_backbone_graph_takes_the_recorded_input_size(capsys, tmp_path, folder_run):
+    """torchvision factories take no image_size: the graph's input shape comes from the preprocessing record."""
+    out = tmp_path / "model.ts"
+    code, _, err = cli(capsys, "export", "--checkpoint", folder_run, "--out", out, "--format", "torchscript")
+    assert code == 0, err
+    info = json.loads(Path(f"{out}.json").read_text())
+    assert info["input_shape"] == [3, 32, 32] and info["data"]["image_size"] == 32
+    assert "inputs of 3x32x32" in Path(f"{out}.README.md").read_text()
+    loaded, _ = reference_model(folder_run)
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(inputs), loaded.model(inputs), atol=1e-5)
+
+
 def reference_model(run: Path):
     from dist_train.inference.loading import load_model
 

@@ -10,6 +10,14 @@ Variables (every mutating storage operation is numbered from 1 in the order it s
   DT_HOOK_PAUSE=GLOB[|GLOB...]   at the first operation whose "operation:path" matches the K-th GLOB
                         (K from 0), touch DT_HOOK_PAUSED.K and wait, before running it, until
                         DT_HOOK_RELEASE.K exists
+  DT_HOOK_FAIL=GLOB     raise OSError (ENOSPC, "injected") at the first operation matching GLOB, once
+  DT_HOOK_RANK=R        under torchrun (RANK set): kill, pause and fail act only on rank R
+  DT_HOOK_COLLECTIVES=1 also number a sharded save's collectives (`ShardedSaver._gather`/`_broadcast`) as
+                        operations "gather"/"broadcast" on "sharded", so a kill can land just before them
+  DT_HOOK_RESTORE_LOG=FILE  after each `CheckpointManager.restore` that loaded a checkpoint, rank 0 appends
+                        {"step", "world_size", "digest"} (`parallel.model_digest` of the model as loaded,
+                        computed by every rank: collective under FSDP) as one JSON line
+With WORLD_SIZE > 1 every rank numbers its own operations and writes DT_HOOK_LOG to FILE.rank<R>.
 
 `--serve` imports torch and dist_train once, then reads one JSON request a line on stdin
 ({"argv": [...], "env": {...}, "out": FILE, "err": FILE, "timeout": S}) and answers each with one JSON line
@@ -41,9 +49,17 @@ def install_hooks() -> None:
     kill_mid = os.environ.get("DT_HOOK_KILL_MID") == "1"
     pauses = [p for p in (os.environ.get("DT_HOOK_PAUSE") or "").split("|") if p]
     paused_file, release_file = os.environ.get("DT_HOOK_PAUSED"), os.environ.get("DT_HOOK_RELEASE")
-    if not (log_path or kill_at or pauses):
+    fail = os.environ.get("DT_HOOK_FAIL")
+    if os.environ.get("DT_HOOK_RESTORE_LOG"):
+        _log_restores(os.environ["DT_HOOK_RESTORE_LOG"])
+    if not (log_path or kill_at or pauses or fail):
         return
-    state = {"n": 0, "armed": False, "paused": set()}
+    rank = os.environ.get("RANK")
+    if log_path and rank is not None and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        log_path = f"{log_path}.rank{rank}"
+    if os.environ.get("DT_HOOK_RANK") not in (None, "", rank):  # faults for another rank: only log here
+        kill_at, kill_mid, pauses, fail = 0, False, [], None
+    state = {"n": 0, "armed": False, "paused": set(), "failed": False}
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -68,6 +84,9 @@ def install_hooks() -> None:
                 state["armed"] = True  # the chunk wrapper below kills once data reached the file
             else:
                 die()
+        if fail and not state["failed"] and fnmatch.fnmatch(f"{operation}:{rel}", fail):
+            state["failed"] = True
+            raise OSError(28, "No space left on device (injected)", rel)
 
     original_write = storage_mod.Storage.write
 
@@ -86,6 +105,35 @@ def install_hooks() -> None:
 
     storage_mod.Storage.write = write
     storage_mod.Storage.hooks.append(hook)
+    if os.environ.get("DT_HOOK_COLLECTIVES") == "1":
+        from dist_train.checkpoint.sharded import ShardedSaver
+
+        for name, operation in (("_gather", "gather"), ("_broadcast", "broadcast")):
+            original = getattr(ShardedSaver, name)
+
+            def collective(self, obj, _original=original, _operation=operation):
+                hook(_operation, "sharded")
+                return _original(self, obj)
+            setattr(ShardedSaver, name, collective)
+
+
+def _log_restores(path: str) -> None:
+    """DT_HOOK_RESTORE_LOG: the digest of the model right after each restore that loaded a checkpoint."""
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.distributed import parallel
+
+    original = CheckpointManager.restore
+
+    def restore(self, state, **kwargs):
+        step = original(self, state, **kwargs)
+        if step is not None:
+            digest = parallel.model_digest(state["model"])  # every rank: collective under FSDP
+            if self.env.is_rank0:
+                with open(path, "a") as handle:
+                    handle.write(json.dumps({"step": step, "world_size": self.env.world_size,
+                                             "digest": digest}) + "\n")
+        return step
+    CheckpointManager.restore = restore
 
 
 def run_cli(argv: list[str]) -> int:
