@@ -107,15 +107,19 @@ class CheckpointWriter:
         `deferred` manifest fields (the model digest) are computed on the hashing threads
         while the files are written, and waited for before the manifest.
         """
-        name = checkpoint_name(self.generation, step)
         for rel in files:
             if not mf.safe_relative_name(rel):
                 raise ValueError(f"unsafe checkpoint file name {rel!r}")
         if deferred:
             futures = {key: self._hash_pool.submit(compute) for key, compute in deferred.items()}
             fields = _LateFields(fields, futures)
-        commit = self._commit_by_rename if self.storage.atomic_rename else self._commit_by_conditional_put
-        return commit(name, step, files, fields)
+        folder = self.begin(step)
+        try:
+            table = self._write_files(folder, files)
+        except BaseException:
+            self.abort(folder)
+            raise
+        return self.finish(step, folder, table, fields)
 
     def _manifest(self, step: int, table: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         manifest = fields.resolve() if isinstance(fields, _LateFields) else dict(fields)
@@ -128,51 +132,6 @@ class CheckpointWriter:
             raise ValueError(f"refusing to commit checkpoint step {step}: its manifest would not be readable "
                              f"({exc})") from None
         return manifest
-
-    def _commit_by_rename(self, name: str, step: int, files: dict[str, Any], fields: dict[str, Any]) -> Committed:
-        staging = f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        try:
-            self.storage.makedirs(staging)
-            table = self._write_files(staging, files)
-            manifest = self._manifest(step, table, fields)
-            self.storage.write_bytes(f"{staging}/{mf.MANIFEST}", mf.encode(manifest))
-            self.storage.sync_dir(staging)
-            if self.registry:
-                self.registry.check_current(self.generation)
-            self.storage.rename(staging, name)
-        except BaseException:
-            self._discard(staging)
-            raise
-        self.storage.sync_dir("")
-        return Committed(name, self.storage.url(name), manifest)
-
-    def _commit_by_conditional_put(self, name: str, step: int, files: dict[str, Any],
-                                   fields: dict[str, Any]) -> Committed:
-        manifest_rel = f"{name}/{mf.MANIFEST}"
-        claim_rel = f"{name}/{CLAIM}"
-        if not self.storage.create_exclusive(claim_rel, self.writer_id.encode()):
-            if self._read_claim(claim_rel) != self.writer_id:
-                raise CommitConflict(f"{self.storage.url(name)} is being written by another writer")
-        attempted_manifest = False
-        try:
-            table = self._write_files(name, files)
-            manifest = self._manifest(step, table, fields)
-            if self.registry:
-                self.registry.check_current(self.generation)
-            attempted_manifest = True
-            if not self.storage.create_exclusive(manifest_rel, mf.encode(manifest)):
-                existing = self._read_existing(manifest_rel)
-                if existing is None or existing.get("writer_id") != self.writer_id or \
-                        existing.get("files") != table:
-                    attempted_manifest = False  # not ours: our data objects may go
-                    raise CommitConflict(f"{self.storage.url(name)} was committed by another writer")
-                log.info("manifest create was retried after it had succeeded; %s is ours", name)
-                manifest = existing
-        except BaseException:
-            if not attempted_manifest:
-                self._discard(name, keep_manifest=True)
-            raise
-        return Committed(name, self.storage.url(name), manifest)
 
     def _read_claim(self, rel: str) -> str | None:
         try:
@@ -196,9 +155,9 @@ class CheckpointWriter:
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
             log.warning("could not clean up %s: %s", self.storage.url(rel), exc)
 
-    # -- the same protocol in three calls, for checkpoints every rank writes a share of ------------
-    # (dist_train/checkpoint/sharded.py): rank 0 `begin`s, every rank `write_part`s into the folder,
-    # rank 0 `finish`es with all ranks' file tables, or `abort`s when any rank failed.
+    # -- the protocol in steps: `commit` is begin + write + finish; a sharded checkpoint
+    # (dist_train/checkpoint/sharded.py) runs them across ranks: rank 0 `begin`s, every rank
+    # `write_part`s into the folder, rank 0 `finish`es with all ranks' file tables, or `abort`s.
 
     def begin(self, step: int) -> str:
         """Rank 0: the folder (relative to the run dir) every rank writes its files into.

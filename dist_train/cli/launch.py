@@ -1,9 +1,14 @@
-"""`dist-train launch`: torchrun for `dist-train train`, with exit statuses a scheduler can act on.
+"""`dist-train launch`: torchrun for `dist-train train` or a script on the Python API, with exit statuses
+a scheduler can act on.
 
     dist-train launch --standalone --nproc-per-node 2 -- train --run-dir runs/x
     dist-train launch --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
         --rdzv-endpoint node0:29400 --rdzv-id job1 --node-rank 0 --max-restarts 3 -- train --config job.yaml
+    dist-train launch --standalone --nproc-per-node 2 -- -m examples.char_transformer --run-dir runs/c
+    dist-train launch --standalone --nproc-per-node 2 -- my_train.py --run-dir runs/m
 
+After '--': `train` and its flags (checked here first), `-m MODULE` or `SCRIPT.py` and its
+arguments (a script that calls `dist_train.main(...)`; its flags are checked by the workers).
 Exit status: 0 finished, 1 failed, 2 bad input (nothing started), 3 superseded by
 a newer attempt, 75 preempted (a checkpoint was committed; start it again).
 """
@@ -31,7 +36,7 @@ class _TorchrunArguments(Parser):
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("launch", help="torchrun for `train`: exit 2 bad input, 75 preempted",
+    parser = commands.add_parser("launch", help="torchrun for `train` or your script: exit 2 bad input, 75 preempted",
                                  add_help=False)
     parser.__class__ = _TorchrunArguments
 

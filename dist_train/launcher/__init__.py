@@ -1,10 +1,12 @@
 """`dist-train launch`: torchrun whose exit status says why the job stopped.
 
     dist-train launch [torchrun options] -- train [train flags]
+    dist-train launch [torchrun options] -- -m MODULE [args]     # a user's script on the Python API
+    dist-train launch [torchrun options] -- SCRIPT.py [args]
 
 plan.py checks the command (bad input exits 2 before any worker starts);
-agent.py runs torch's elastic agent with `python -m dist_train train ...` as the
-workers; outcome.py maps how it ended to 0, 1, 2 (bad input), 3 (superseded) or
+agent.py runs torch's elastic agent with `python -u -m dist_train train ...` (or the
+user's module or script) as the workers; outcome.py maps how it ended to 0, 1, 2 (bad input), 3 (superseded) or
 75 (preempted, resume me), the statuses Kubernetes' podFailurePolicy and the
 SLURM script act on.
 """

@@ -10,7 +10,9 @@ also halfway through the write). After each kill:
   S3: the manifest PUT) had completed, else step 20: retention never removed the newest valid one;
 - resume (`CheckpointManager.find`, what `train --resume auto` loads) picks that same checkpoint.
 
-`ckpt prune` gets the same treatment. Finally `dist-train train --resume auto` runs on a killed run
+`ckpt prune` gets the same treatment. A 2-rank FSDP job whose ranks each write their share (issue 14)
+gets it too: a SIGKILL of either rank before each of its operations of the commit, the sharded save's
+gathers and broadcasts included. Finally `dist-train train --resume auto` runs on a killed run
 dir: it resumes from the newest committed checkpoint and removes the leftovers.
 
 The jobs are real, separate processes forked from `support/hooked_cli.py --serve`, which imported
@@ -26,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import manifests
 from support.forkserver import ForkServer, read_ops, shared
 
 JOB = ["train", "--max-steps", "30", "--checkpoint-every", "10", "--keep-last", "2", "--epochs", "1",
@@ -281,6 +284,7 @@ def test_sigkill_before_every_operation_of_a_two_writer_commit_local(server, tmp
         what = f"rank {rank} killed before its op {number} ({operation} {rel})"
         assert results[rank] == (None, signal.SIGKILL), f"{what}: {results}"
         seen[(rank, number)] = _check_two_writers(str(run_dir), allowed, what)
+        print("DBG", what, results, seen[(rank, number)])
     # Killed just before the rename, rank 0 leaves a complete staging folder: both ranks' shards and the
     # manifest. It is not a checkpoint; the next attempt resumes from step 2 and removes it.
     rename = next(n for n, op, rel in ops[0] if op == "rename" and SHARDED_STEP in rel)

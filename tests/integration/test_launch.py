@@ -6,6 +6,7 @@ run real launchers (and real torchrun workers) as subprocesses.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -60,7 +61,14 @@ def clean_torchrun_env(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--nproc-per-node", "2", "train"], "missing '--'"),
-    (["--", "ckpt", "list", "x"], "expected 'train'"),
+    (["--", "ckpt", "list", "x"], "'ckpt' after '--' is not a script file; expected train, -m MODULE or SCRIPT.py"),
+    (["--"], "nothing after '--'"),
+    (["--", "--bogus"], "got '--bogus'"),
+    (["--", "-m"], "-m needs a module name"),
+    (["--", "-m", "examples.no_such_module"], "no module named 'examples.no_such_module'"),
+    (["--", "-m", "no_such_package.train"], "cannot find module 'no_such_package.train'"),
+    (["--no-python", "--", "examples/char_transformer.py"], "--no-python, --run-path and --module do not apply"),
+    (["--module", "--", "examples/char_transformer.py"], "--no-python, --run-path and --module do not apply"),
     (["--nnodes", "3:1", "--", "train"], "--nnodes"),
     (["--frobnicate", "--", "train"], "unrecognized arguments: --frobnicate"),
     (["script.py", "--", "train"], "unexpected argument 'script.py'"),
@@ -97,6 +105,24 @@ def test_plan(tmp_path, clean_torchrun_env):
     plan = plan_launch([*base, "--shutdown-timeout", "7", "--", "train", "--run-dir", run_dir])
     assert "is_host" not in plan.config.rdzv_configs  # no node rank: torch's own guess
     assert plan.config.shutdown_timeout == 7
+
+
+def test_plan_user_code(tmp_path, clean_torchrun_env):
+    """A user's script or module on the Python API: the workers run it under `python -u`; only the script (or
+    module) is checked here, its own flags are the workers' to check; its --preempt-deadline sets the timeout."""
+    run_dir = str(tmp_path / "run")
+    plan = plan_launch(["--standalone", "--nproc-per-node", "2", "--", "-m", "examples.char_transformer",
+                        "--run-dir", run_dir, "--preempt-deadline", "40", "--prompt", "x"])
+    assert plan.worker_args == ["-u", "-m", "examples.char_transformer", "--run-dir", run_dir,
+                                "--preempt-deadline", "40", "--prompt", "x"]
+    assert plan.job is None and not plan.print_config and plan.command.kind == "module"
+    assert plan.config.shutdown_timeout == shutdown_timeout(40.0)
+    script = "tests/support/userpkg/train_script.py"
+    plan = plan_launch(["--standalone", "--", script, "--run-dir", run_dir, "--its-own-flag", "-h"])
+    assert plan.worker_args == ["-u", script, "--run-dir", run_dir, "--its-own-flag", "-h"]
+    assert plan.config.shutdown_timeout == shutdown_timeout(25.0)  # the default deadline
+    assert plan.entrypoint == sys.executable
+    assert not os.path.exists(run_dir)
 
 
 def test_plan_reads_torchrun_environment(tmp_path, clean_torchrun_env, monkeypatch):
@@ -184,6 +210,60 @@ def test_worker_bad_input_exits_2(tmp_path):
     assert "exit status 2 (bad input)" in result.stderr.splitlines()[-1]
     assert "ChildFailedError" not in result.stderr and "Root Cause" not in result.stderr  # no torchrun box
     assert manifests(run_dir) == []
+
+
+SUPPORT = REPO / "tests" / "support"
+USER_SCRIPT = SUPPORT / "userpkg" / "train_script.py"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_user_module_bad_flag_exits_2(tmp_path):
+    """A user's module on the Python API (`-- -m MODULE`): a flag only its workers can check exits 2 (plain
+    torchrun: 1), one line from rank 0, no traceback, nothing written."""
+    run_dir = tmp_path / "run"
+    result = run_cli(["launch", "--standalone", "--nproc-per-node", "2", "--", "-m", "examples.char_transformer",
+                      "--run-dir", str(run_dir), "--max-steps", "1", "--bogus-flag", "3"], timeout=110)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "unrecognized arguments: --bogus-flag 3" in errors[0], result.stderr[-3000:]
+    assert "exit status 2 (bad input)" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr and "Root Cause" not in result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_sigterm_to_launcher_of_user_script_exits_75(tmp_path):
+    """A user's script (`-- SCRIPT.py`, `dist_train.main(...)` with callables): SIGTERM to the launcher once a
+    checkpoint is committed -> forwarded, every rank commits at one step boundary, the launcher exits 75."""
+    run_dir, hooks, log_path = tmp_path / "run", tmp_path / "hooks", tmp_path / "launch.log"
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(REPO), str(SUPPORT)]), "USERPKG_HOOKS": str(hooks)})
+    cmd = [PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node", "2", "--", str(USER_SCRIPT),
+           "--run-dir", str(run_dir), "--epochs", "1000", "--max-steps", "1000000", "--checkpoint-every", "3",
+           "--batch-size", "16", "--log-every", "5", "--no-progress"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: any(run_dir.glob("ckpt-*/manifest.json")) or proc.poll() is not None, timeout=100,
+                 what="the first committed checkpoint")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)  # the launcher only, as Kubernetes does to a pod's PID 1
+        status = proc.wait(timeout=45)
+    finally:
+        kill_group(proc)
+    output = log_path.read_text()
+    assert status == EXIT_PREEMPTED, output[-3000:]
+    match = re.search(r"preempted at step (\d+): checkpoint committed", output)
+    assert match, output[-3000:]
+    step = int(match.group(1))
+    assert step in [m["step"] for m in manifests(run_dir)]
+    assert output.strip().splitlines()[-1].startswith("dist-train launch: SIGTERM received")
+    assert "Traceback" not in output
+    for rank in (0, 1):  # the user's callbacks saw the preemption on every rank
+        hooks_seen = [json.loads(line)["hook"] for line in (hooks / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert "on_preemption" in hooks_seen, (rank, hooks_seen[-5:])
 
 
 @pytest.mark.integration
