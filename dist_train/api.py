@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from dist_train.errors import EXIT_BAD_INPUT, LocalUserError, UserError, exit_now
 
+PEER_GRACE_S = 3.0
+
 
 def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] | None = None,
           task: Any = None, extras: Callable[[Any], dict] | dict | None = None,
@@ -45,6 +47,7 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
     from dist_train.config.job import add_config_arguments, dump_yaml, resolve
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train"
+    grouped = False  # set once the process group forms: from then on the ranks agree on an error
     try:
         parser = Parser(prog=prog, description="A dist_train training job (flags as for `dist-train train`).")
         add_config_arguments(parser)
@@ -70,12 +73,18 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
         from dist_train.training.job import UserCode, run_training
 
         code = UserCode(model, dataset, task, extras, list(callbacks))
+        grouped = True
         with distributed(cfg.train.device) as env:
             configure_logging(env)
             return run_training(cfg, env, code)
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0" or isinstance(exc, LocalUserError):
             print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        elif not grouped and "RANK" in os.environ:
+            # Found before the process group (a bad flag): every rank found it, rank 0 says it. Its peers wait
+            # a moment, or torch's agent, stopping the workers at the first exit, may kill rank 0 unheard.
+            import time
+            time.sleep(PEER_GRACE_S)
         exc.__traceback__ = None  # frees the failed job's DataLoader workers now (see cli/main.py)
         return EXIT_BAD_INPUT
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 
 KEYS = ("stall_ratio", "save_efficiency", "s3_efficiency", "trainer_overhead", "ddp_scaling", "resume_ratio",
-        "checkpoint_overhead", "async_thread_vs_process", "load_ratio", "load_ratio_old_path")
+        "checkpoint_overhead", "async_thread_vs_process", "load_ratio", "load_ratio_old_path", "restart_load_ratio")
 
 
 @pytest.mark.integration
@@ -38,7 +38,9 @@ def test_bench_tiny_writes_every_figure(tmp_path):
     assert data["save_efficiency"]["raw"]["bytes"] >= 4 * 2**20
     assert data["checkpoint_overhead"]["raw"]["every_k_steps"] >= 1
     assert data["meta"]["machine"]["nproc"] >= 1
-    assert set(data["meta"]["family_seconds"]) == {"io", "load", "s3", "training", "resume"}
+    assert set(data["meta"]["family_seconds"]) == {"io", "load", "restart", "s3", "training", "resume"}
+    restart = data["restart_load_ratio"]["raw"]  # both sides read the same checkpoint, each side once
+    assert restart["checkpoint_bytes"] >= 4 * 2**20 and len(restart["cache_s"]) == len(restart["s3_s"]) == 1
     assert not list((tmp_path / "work").iterdir())  # the benchmark cleans up after itself
 
 

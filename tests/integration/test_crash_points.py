@@ -189,25 +189,30 @@ def test_sigkill_at_every_commit_and_prune_step_s3(server, s3_env, s3_bucket, tm
 # server with torchrun's environment. Each rank numbers its own operations, the sharded save's
 # collectives included (DT_HOOK_COLLECTIVES: the gathers and broadcasts of `ShardedSaver`). For every
 # operation of either rank, from the start of the step-4 commit to the end of the job, a fresh job is
-# run with that rank SIGKILLed just before it; the other rank is left to notice the lost peer and stop
-# by itself (a launcher would also stop it). Then the same checks as above.
+# run with that rank SIGKILLed just before it; the other rank must notice the lost peer and stop by
+# itself (a launcher would also stop it). Then the same checks as above.
 
 SHARDED_JOB = ["train", "--parallelism", "fsdp", "--max-steps", "4", "--checkpoint-every", "2", "--keep-last", "1",
                "--epochs", "1", "--batch-size", "32", "--log-every", "100", "--no-progress"]
 SHARDED_STEP = "s0000000004"
-COLLECTIVES = ("gather", "broadcast")
 
 
-def _start_ranks(server: ForkServer, argv: list[str], logs: Path, hooks: dict[str, str]) -> list[int]:
+def _start_ranks(server: ForkServer, argv: list[str], logs: Path, env: dict | None,
+                 hooks: dict[str, str]) -> list[int]:
     """Two ranks of one job, forked from the server, with the environment torchrun gives its workers."""
     from conftest import free_port
 
     port = str(free_port())
     logs.mkdir(parents=True, exist_ok=True)
     return [server.start(argv, logs / f"rank{rank}.log",
-                         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, hooks)
+                         {**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                          "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, hooks)
             for rank in range(2)]
+
+
+def _run_ranks(server: ForkServer, argv: list[str], logs: Path, env: dict | None,
+               hooks: dict[str, str]) -> list[tuple[int | None, int | None]]:
+    return [server.wait(pid, timeout=90) for pid in _start_ranks(server, argv, logs, env, hooks)]
 
 
 def _commit_ops(ops: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
@@ -218,34 +223,43 @@ def _commit_ops(ops: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     return ops[start:]
 
 
-def _two_writer_outcomes(ops: dict[int, list]) -> dict[tuple[int, int], set[int]]:
+def _sharded_commit_point(ops: list[tuple[int, str, str]]) -> int:
+    for number, operation, rel in ops:
+        if SHARDED_STEP in rel and (operation == "rename" or (operation == "create" and rel.endswith("manifest.json"))):
+            return number
+    raise AssertionError(f"no commit point in {ops}")
+
+
+def _two_writer_outcomes(ops: dict[int, list], retention: bool = True) -> dict[tuple[int, int], set[int]]:
     """(rank, operation number) -> the steps the newest valid checkpoint may have after that kill.
 
-    Rank 0: step 4 once its rename (the commit point) has run, else step 2. Rank 1: step 2 if killed
-    before it reported its files (the gather after its writes); its report received, rank 0 may
-    commit alone: killed before the decision broadcast it is a race whether rank 0's broadcast
-    fails first, so 2 or 4; killed before the outcome broadcast rank 0 has already decided, so 4.
-    A kill before an fsync (sync_dir) leaves exactly what a kill before the next operation leaves,
-    so those points are not repeated.
+    Rank 0: step 4 once its commit point (rename, or the manifest's conditional PUT) has run, else
+    step 2. Rank 1: step 2 if killed before it reported its files (the gather after its writes);
+    with its report received rank 0 may commit alone: killed before the decision broadcast it is a
+    race whether rank 0's broadcast fails first (2 or 4); killed before the outcome broadcast rank 0
+    has already decided (4). A kill before an fsync (sync_dir) leaves the same files as a kill before
+    the next operation, so those points are not repeated. Without `retention`, rank 0's points end with
+    the commit's last collective (the retention pass after it is the one every layout shares).
     """
     outcomes: dict[tuple[int, int], set[int]] = {}
     rank0 = _commit_ops(ops[0])
-    rename = next(n for n, op, rel in rank0 if op == "rename" and SHARDED_STEP in rel)
+    commit = _sharded_commit_point(rank0)
+    if not retention:
+        rank0 = [op for op in rank0 if op[0] <= next(n for n, o, _ in rank0 if n > commit and o == "broadcast")]
     for number, operation, _ in rank0:
         if operation != "sync_dir":
-            outcomes[(0, number)] = {4} if number > rename else {2}
+            outcomes[(0, number)] = {4} if number > commit else {2}
     rank1 = _commit_ops(ops[1])
     last_write = max(i for i, (_, op, _) in enumerate(rank1) if op == "write")
-    after = [n for n, op, _ in rank1[last_write + 1:]]
+    reported, decided, _ = [n for n, _, _ in rank1[last_write + 1:]]
     assert [op for _, op, _ in rank1[last_write + 1:]] == ["gather", "broadcast", "broadcast"], rank1
     for number, operation, _ in rank1:
-        if operation == "sync_dir":
-            continue
-        outcomes[(1, number)] = {2} if number <= after[0] else {2, 4} if number == after[1] else {4}
+        if operation != "sync_dir":
+            outcomes[(1, number)] = {2} if number <= reported else {2, 4} if number == decided else {4}
     return outcomes
 
 
-def _check_two_writers(url: str, allowed: set[int], what: str) -> int:
+def _check_two_writers(url: str, allowed: set[int], what: str, env: dict | None) -> int:
     verdicts, payload = _state(url)
     names = [v.ref.name for v in verdicts]
     assert all(name.startswith("ckpt-") for name in names), f"{what}: a staging folder is listed: {names}"
@@ -256,47 +270,82 @@ def _check_two_writers(url: str, allowed: set[int], what: str) -> int:
         if verdict.ref.step > newest:
             assert not verdict.valid and verdict.reason, f"{what}: partial {verdict.ref.name} taken as valid"
     assert payload is not None and payload.manifest["step"] == newest, f"{what}: resume took another"
-    if newest == 4:  # a committed 2-writer checkpoint: both ranks' shards listed and verified
-        manifest = payload.manifest
-        assert {"shards/rank00000/model.safetensors", "shards/rank00001/model.safetensors"} <= set(manifest["files"])
+    if newest == 4:  # the 2-writer checkpoint: one manifest lists (and the check verified) both ranks' shards
+        assert {"shards/rank00000/model.safetensors", "shards/rank00001/model.safetensors"} <= \
+            set(payload.manifest["files"]), what
     return newest
+
+
+def _two_writer_loop(server: ForkServer, run_dir, tmp_path: Path, env: dict | None, retention: bool = True) -> dict:
+    reference_log = tmp_path / "ref-ops.log"
+    results = _run_ranks(server, [*SHARDED_JOB, "--run-dir", run_dir("reference")], tmp_path / "reference-logs",
+                         env, {"DT_HOOK_LOG": str(reference_log), "DT_HOOK_COLLECTIVES": "1"})
+    assert results == [(0, None), (0, None)], (tmp_path / "reference-logs" / "rank0.log").read_text()[-3000:]
+    ops = {rank: read_ops(Path(f"{reference_log}.rank{rank}")) for rank in range(2)}
+    assert any(op == "delete" and rel.endswith("manifest.json") for _, op, rel in _commit_ops(ops[0])), \
+        "the reference job should prune step 2 after committing step 4"
+    dirs = {}
+    for (rank, number), allowed in _two_writer_outcomes(ops, retention).items():
+        label = f"rank{rank}-kill{number}"
+        results = _run_ranks(server, [*SHARDED_JOB, "--run-dir", run_dir(label)], tmp_path / f"{label}-logs", env,
+                             {"DT_HOOK_KILL_AT": str(number), "DT_HOOK_RANK": str(rank), "DT_HOOK_COLLECTIVES": "1"})
+        _, operation, rel = ops[rank][number - 1]
+        what = f"rank {rank} killed before its op {number} ({operation} {rel})"
+        assert results[rank] == (None, signal.SIGKILL), f"{what}: {results}"
+        survivor = results[1 - rank]
+        assert survivor[1] is None and survivor[0] != 0, f"{what}: the other rank did not stop by itself: {results}"
+        _check_two_writers(run_dir(label), allowed, what, env)
+        dirs[(rank, number)] = run_dir(label)
+    return {"ops": ops, "commit": _sharded_commit_point(_commit_ops(ops[0])), **dirs}
+
+
+def _two_writer_resume(server: ForkServer, killed: str, tmp_path: Path, env: dict | None) -> None:
+    """The next attempt resumes from step 2 and removes the killed commit's files."""
+    results = _run_ranks(server, [*SHARDED_JOB, "--max-steps", "6", "--run-dir", killed], tmp_path / "resume-logs",
+                         env, {})
+    output = (tmp_path / "resume-logs" / "rank0.log").read_text()
+    assert results == [(0, None), (0, None)], output[-3000:]
+    assert "resuming from" in output and "ckpt-g0001-s0000000002" in output, output[-3000:]
 
 
 @pytest.mark.timeout(300)
 def test_sigkill_before_every_operation_of_a_two_writer_commit_local(server, tmp_path):
-    reference_log = tmp_path / "ref-ops.log"
-    pids = _start_ranks(server, [*SHARDED_JOB, "--run-dir", str(tmp_path / "reference")], tmp_path / "reference-logs",
-                        {"DT_HOOK_LOG": str(reference_log), "DT_HOOK_COLLECTIVES": "1"})
-    assert [server.wait(pid) for pid in pids] == [(0, None), (0, None)], \
-        (tmp_path / "reference-logs" / "rank0.log").read_text()[-3000:]
-    ops = {rank: read_ops(Path(f"{reference_log}.rank{rank}")) for rank in range(2)}
-    assert any(op == "delete" and rel.endswith("manifest.json") for _, op, rel in _commit_ops(ops[0])), \
-        "the reference job should prune step 2 after committing step 4"
-    outcomes = _two_writer_outcomes(ops)
-    seen: dict[tuple[int, int], int] = {}
-    for (rank, number), allowed in outcomes.items():
-        label = f"rank{rank}-kill{number}"
-        run_dir = tmp_path / label
-        pids = _start_ranks(server, [*SHARDED_JOB, "--run-dir", str(run_dir)], tmp_path / f"{label}-logs",
-                            {"DT_HOOK_KILL_AT": str(number), "DT_HOOK_RANK": str(rank), "DT_HOOK_COLLECTIVES": "1"})
-        results = [server.wait(pid, timeout=90) for pid in pids]
-        _, operation, rel = ops[rank][number - 1]
-        what = f"rank {rank} killed before its op {number} ({operation} {rel})"
-        assert results[rank] == (None, signal.SIGKILL), f"{what}: {results}"
-        seen[(rank, number)] = _check_two_writers(str(run_dir), allowed, what)
-        print("DBG", what, results, seen[(rank, number)])
-    # Killed just before the rename, rank 0 leaves a complete staging folder: both ranks' shards and the
-    # manifest. It is not a checkpoint; the next attempt resumes from step 2 and removes it.
-    rename = next(n for n, op, rel in ops[0] if op == "rename" and SHARDED_STEP in rel)
-    killed = tmp_path / f"rank0-kill{rename}"
+    def run_dir(label: str) -> str:
+        return str(tmp_path / label)
+
+    dirs = _two_writer_loop(server, run_dir, tmp_path, None)
+    # Killed just before the rename, rank 0 leaves a complete staging folder (both ranks' shards and the
+    # manifest): not a checkpoint. The next attempt resumes from step 2 and removes it.
+    killed = Path(dirs[(0, dirs["commit"])])
     staging = [p for p in killed.iterdir() if p.name.startswith(".staging-")]
     assert len(staging) == 1 and (staging[0] / "manifest.json").exists(), staging
     assert {p.parent.name for p in staging[0].glob("shards/*/*.safetensors")} == {"rank00000", "rank00001"}
-    pids = _start_ranks(server, ["train", *SHARDED_JOB[1:], "--max-steps", "6", "--run-dir", str(killed)],
-                        tmp_path / "resume-logs", {})
-    results = [server.wait(pid, timeout=90) for pid in pids]
-    output = (tmp_path / "resume-logs" / "rank0.log").read_text()
-    assert results == [(0, None), (0, None)], output[-3000:]
-    assert "resuming from" in output and "ckpt-g0001-s0000000002" in output, output[-3000:]
+    _two_writer_resume(server, str(killed), tmp_path, None)
     assert not [p for p in killed.iterdir() if p.name.startswith(".staging-")], "staging not cleaned up"
     assert manifests(killed)[-1]["step"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_before_every_operation_of_a_two_writer_commit_s3(server, s3_env, s3_bucket, tmp_path):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+
+    def run_dir(label: str) -> str:
+        return f"s3://{s3_bucket}/{label}"
+
+    def keys(label: str) -> list[str]:
+        listing = client.list_objects_v2(Bucket=s3_bucket, Prefix=label + "/").get("Contents", [])
+        return [obj["Key"] for obj in listing]
+
+    # The retention pass after the commit is the same code for every layout: killed at each of its
+    # deletions in the single-writer S3 test above and in the local 2-writer test.
+    dirs = _two_writer_loop(server, run_dir, tmp_path, s3_env, retention=False)
+    # Killed just before the manifest PUT: both ranks' shards are there, orphaned; the next attempt
+    # resumes from step 2 and removes them.
+    label = f"rank0-kill{dirs['commit']}"
+    orphans = [k for k in keys(label) if f"g0001-{SHARDED_STEP}" in k]
+    assert any("shards/rank00000/" in k for k in orphans) and any("shards/rank00001/" in k for k in orphans), orphans
+    assert not any(k.endswith("manifest.json") for k in orphans), orphans
+    _two_writer_resume(server, run_dir(label), tmp_path, s3_env)
+    assert not any(f"g0001-{SHARDED_STEP}" in k for k in keys(label)), "orphaned objects of the killed commit remain"

@@ -39,7 +39,8 @@ def main() -> None:
     if args.repo:
         sys.path.insert(0, args.repo)
     from dist_train.data.datasets import SyntheticImages
-    from dist_train.models.registry import ModelSpec, build_model
+    from dist_train.config.job import JobConfig
+    from dist_train.models.registry import build_model, make_spec
     from dist_train.determinism import seed_process
 
     dist.init_process_group("gloo")
@@ -47,7 +48,10 @@ def main() -> None:
     shape = tuple(int(p) for p in args.shape.split(","))
     data = SyntheticImages(args.size, shape, args.classes, args.seed)
     seed_process(args.seed, "init")  # the same initial weights as `dist-train train --seed`
-    model = DistributedDataParallel(build_model(ModelSpec(args.model, args.classes, shape[0], shape[1])))
+    defaults = JobConfig().model  # the built-in options `dist-train train` passes when not given
+    spec = make_spec(args.model, {}, {"dropout": defaults.dropout, "width": defaults.width},
+                     {"num_classes": args.classes, "in_channels": shape[0], "image_size": shape[1]})
+    model = DistributedDataParallel(build_model(spec))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sampler = DistributedSampler(data, seed=args.seed)
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=0)
