@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/ensure-env.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+# Integration tests mostly wait (process start-up, torch imports, polling): three workers, one test
+# file each at a time (module fixtures stay shared), keep the 2 cores busy. DT_TEST_WORKERS=0: serial.
+workers="${DT_TEST_WORKERS:-3}"
+if [ "$workers" = "0" ]; then
+    exec .venv/bin/python -m pytest -q tests "$@"
+fi
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile tests "$@"
