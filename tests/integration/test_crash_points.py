@@ -325,6 +325,7 @@ def test_sigkill_before_every_operation_of_a_two_writer_commit_local(server, tmp
     assert manifests(killed)[-1]["step"] == 6
 
 
+@pytest.mark.slow  # the local 2-writer test kills before every operation; the 1-writer S3 test covers S3
 @pytest.mark.timeout(300)
 def test_sigkill_before_every_operation_of_a_two_writer_commit_s3(server, s3_env, s3_bucket, tmp_path):
     import boto3

@@ -71,7 +71,8 @@ def run_with_notice(provider: str, tmp_path: Path, *extra: str, launcher: bool =
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("provider", ["aws", "gcp", "azure", "url"])
+@pytest.mark.parametrize("provider", ["aws", "gcp", pytest.param("azure", marks=pytest.mark.slow),
+                                      pytest.param("url", marks=pytest.mark.slow)])
 def test_a_notice_commits_a_checkpoint_and_training_goes_on(provider, tmp_path):
     status, run_dir, served_at = run_with_notice(provider, tmp_path)
     log = (tmp_path / "job.log").read_text()

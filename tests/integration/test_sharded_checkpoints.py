@@ -153,6 +153,7 @@ def test_sharded_save_and_load_on_s3_with_a_failing_rank(s3_env, s3_bucket, tmp_
     assert result["reload"]["differing"] == [] and result["reload"]["digest"] == result["digest"]
 
 
+@pytest.mark.slow  # an opt-in bench family (`--only sharded`); the default families run in test_bench.py
 @pytest.mark.timeout(500)
 def test_bench_sharded_family_runs_at_tiny_size(tmp_path):
     from conftest import run_cli

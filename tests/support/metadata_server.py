@@ -27,6 +27,11 @@ PROBE_PATHS = {
 }
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that gave up (the watcher's timeout, a stopped test) is expected: no traceback."""
+
+
 class MetadataServer:
     """What the metadata services answer, switchable by the test; every request is recorded."""
 
@@ -43,7 +48,7 @@ class MetadataServer:
         self.azure_events: list[dict] | None = None  # None: a Preempt event for this VM
         self.url_body = b"instance will be reclaimed"
         self.notices_served: list[float] = []  # time.time() of every answer that announced a notice
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
