@@ -141,6 +141,25 @@ def copy_run(run_dir: Path, parent: Path, name: str = "run") -> Path:
     return target
 
 
+def assert_each_epoch_exactly_once(samples: Path, epochs: int) -> None:
+    """Every training index of every epoch in the sample logs of all stages and ranks, once."""
+    from collections import Counter
+
+    from dist_train.data.config import DataConfig
+    from dist_train.data.registry import build_datasets
+
+    n_train = len(build_datasets(DataConfig(), seed=0).train)
+    counts: Counter = Counter()
+    for path in samples.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            counts.update((record["epoch"], i) for i in record["indices"])
+    for epoch in range(epochs):
+        seen = {i: c for (e, i), c in counts.items() if e == epoch}
+        assert set(seen) == set(range(n_train)), f"epoch {epoch}: samples skipped"
+        assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
+
+
 def final_digest(run_dir: Path) -> str:
     return manifests(run_dir)[-1]["model_digest"]
 

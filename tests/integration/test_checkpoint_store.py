@@ -19,28 +19,25 @@ from dist_train.checkpoint.storage import Storage
 from dist_train.checkpoint.writer import CheckpointWriter, CommitConflict
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("store") / "run"
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "12", "--checkpoint-every", "4"])
-    assert result.returncode == 0, result.stderr
-    return run_dir
+@pytest.fixture
+def store_run(trained_run) -> Path:
+    return trained_run(*TINY, "--max-steps", "12", "--checkpoint-every", "4")
 
 
 @pytest.mark.timeout(120)
-def test_a_committed_run_dir_verifies_and_lists(trained_run, capsys):
-    steps = [m["step"] for m in manifests(trained_run)]
+def test_a_committed_run_dir_verifies_and_lists(store_run, capsys):
+    steps = [m["step"] for m in manifests(store_run)]
     assert steps == [4, 8, 12]
-    code, out, err = call_cli(["ckpt", "verify", str(trained_run)], capsys)
+    code, out, err = call_cli(["ckpt", "verify", str(store_run)], capsys)
     assert code == 0, out + err
-    listed = json.loads(call_cli(["ckpt", "list", str(trained_run), "--json"], capsys)[1])
+    listed = json.loads(call_cli(["ckpt", "list", str(store_run), "--json"], capsys)[1])
     assert [row["step"] for row in listed] == [4, 8, 12] and all(row["valid"] for row in listed)
     assert set(listed[0]) >= {"url", "step", "epoch", "created_at", "size", "valid", "reason", "model_digest"}
-    code, out, _ = call_cli(["ckpt", "latest", str(trained_run)], capsys)
+    code, out, _ = call_cli(["ckpt", "latest", str(store_run)], capsys)
     assert code == 0 and out.strip().endswith("ckpt-g0001-s0000000012")
-    code, table, _ = call_cli(["ckpt", "list", str(trained_run)], capsys)
+    code, table, _ = call_cli(["ckpt", "list", str(store_run)], capsys)
     assert code == 0 and table.count(" yes ") == 3
-    manifest = manifests(trained_run)[-1]
+    manifest = manifests(store_run)[-1]
     for key in ("format_version", "step", "epoch", "world_size", "created_at", "files", "model_digest",
                 "torch_version", "config_hash", "metrics", "writer_id", "sampler"):
         assert key in manifest, key
@@ -62,8 +59,8 @@ def _flip_byte(path: Path) -> None:
     (lambda d: (d / "manifest.json").write_text("{garbage"), "not valid JSON"),
     (lambda d: (d / "manifest.json").unlink(), "no manifest"),
 ])
-def test_verify_catches_damage_with_its_reason(trained_run, tmp_path, damage, reason, capsys):
-    run_dir = copy_run(trained_run, tmp_path)
+def test_verify_catches_damage_with_its_reason(store_run, tmp_path, damage, reason, capsys):
+    run_dir = copy_run(store_run, tmp_path)
     newest = sorted(run_dir.glob("ckpt-*"))[-1]
     damage(newest)
     code, out, _ = call_cli(["ckpt", "verify", str(newest)], capsys)
@@ -164,8 +161,8 @@ def test_two_rank_training_to_s3_commits_verifiable_checkpoints_with_retention(s
 
 
 @pytest.mark.timeout(120)
-def test_leftover_staging_folders_are_not_checkpoints_and_go_on_the_next_run(trained_run, tmp_path, capsys):
-    run_dir = copy_run(trained_run, tmp_path)
+def test_leftover_staging_folders_are_not_checkpoints_and_go_on_the_next_run(store_run, tmp_path, capsys):
+    run_dir = copy_run(store_run, tmp_path)
     stale = run_dir / ".staging-ckpt-g0001-s0000000016-deadbeef"
     shutil.copytree(sorted(run_dir.glob("ckpt-*"))[-1], stale)
     listed = json.loads(call_cli(["ckpt", "list", str(run_dir), "--json"], capsys)[1])

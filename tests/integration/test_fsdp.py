@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PYTHON, REPO, base_env, call_cli, kill_group, manifests, run_torchrun, start_torchrun,
+from conftest import (assert_each_epoch_exactly_once, PYTHON, REPO, base_env, call_cli, kill_group, manifests, run_torchrun, start_torchrun,
                       wait_for)
 from dist_train.errors import EXIT_PREEMPTED
 
@@ -166,25 +166,6 @@ def test_async_checkpoints_under_fsdp_commit_the_sync_runs_digests(reference, tm
 
 
 # -- 3. resharding through the trainer --------------------------------------------------------------
-
-def assert_each_epoch_exactly_once(samples: Path, epochs: int) -> None:
-    """Every training index of every epoch in the sample logs of all stages and ranks, once."""
-    from collections import Counter
-
-    from dist_train.data.config import DataConfig
-    from dist_train.data.registry import build_datasets
-
-    n_train = len(build_datasets(DataConfig(), seed=0).train)
-    counts: Counter = Counter()
-    for path in samples.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            counts.update((record["epoch"], i) for i in record["indices"])
-    for epoch in range(epochs):
-        seen = {i: c for (e, i), c in counts.items() if e == epoch}
-        assert set(seen) == set(range(n_train)), f"epoch {epoch}: samples skipped"
-        assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
-
 
 @pytest.mark.integration
 @pytest.mark.timeout(400)

@@ -14,15 +14,12 @@ import json
 import os
 import signal
 import subprocess
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import (PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
+from conftest import (assert_each_epoch_exactly_once, PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
                       wait_for)
-from dist_train.data.config import DataConfig
-from dist_train.data.registry import build_datasets
 from dist_train.errors import EXIT_BAD_INPUT
 
 # Dropout makes RNG state matter; width makes a save take long enough to be interrupted.
@@ -168,19 +165,6 @@ def test_epoch_boundary_then_worker_only_signal_restarted_by_torchrun(tmp_path, 
 
 # -- exact-once accounting across world sizes ----------------------------------------------------
 
-def assert_each_epoch_exactly_once(samples: Path, epochs: int) -> None:
-    n_train = len(build_datasets(DataConfig(), seed=0).train)
-    counts: Counter = Counter()
-    for path in samples.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            counts.update((record["epoch"], i) for i in record["indices"])
-    for epoch in range(epochs):
-        seen = {i: c for (e, i), c in counts.items() if e == epoch}
-        assert set(seen) == set(range(n_train)), f"epoch {epoch}: samples skipped"
-        assert set(seen.values()) == {1}, f"epoch {epoch}: samples trained twice"
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_exactly_once_across_preemptions_from_2_to_1_to_2_ranks(tmp_path):
@@ -203,12 +187,9 @@ def test_exactly_once_across_preemptions_from_2_to_1_to_2_ranks(tmp_path):
 
 # -- choosing what to resume from ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("small") / "run"
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "20", "--checkpoint-every", "4"])
-    assert result.returncode == 0, result.stderr
-    return run_dir
+@pytest.fixture
+def small_run(trained_run) -> Path:
+    return trained_run(*TINY, "--max-steps", "20", "--checkpoint-every", "4")
 
 
 @pytest.mark.timeout(120)
