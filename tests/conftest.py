@@ -50,6 +50,18 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
                           env=base_env(env), timeout=timeout, cwd=cwd or REPO)
 
 
+def run_forked(args: list[str], env: dict[str, str] | None = None, timeout: float = 120,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m dist_train ARGS` as a real process forked from the session's server, which imported
+    torch once: the same CLI as `run_cli` without seconds of start-up CPU per call. Use `run_cli` where
+    a fresh interpreter matters (its TMPDIR, its sys.path from the working directory)."""
+    from support.forkserver import shared
+
+    result = shared().run(args, env=env, timeout=timeout, cwd=cwd)
+    status = result.rc if result.rc is not None else -(result.signal or 9)
+    return subprocess.CompletedProcess(args, status, result.stdout, result.stderr)
+
+
 def call_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """The CLI in this process (for read-only commands where a subprocess adds only start-up time)."""
     from dist_train.cli.main import main

@@ -109,12 +109,31 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def digits(cfg: DataConfig, seed: int) -> DataBundle:
+def _load_digits() -> tuple[Any, Any]:
+    """scikit-learn's 1,797 8x8 digits as (images float64 [N, 8, 8], labels int64 [N]).
+
+    Read straight from the CSV scikit-learn ships, without importing scikit-learn: its import
+    (SciPy and all) costs every rank about two seconds of CPU at each start, a large part of a
+    restart. `sklearn.datasets.load_digits` reads the same file the same way (the fallback)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin else ""
+    if os.path.isfile(csv):
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    images = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(raw.target, dtype=torch.int64)
+    return raw.images, raw.target
+
+
+def digits(cfg: DataConfig, seed: int) -> DataBundle:
+    raw_images, raw_labels = _load_digits()
+    images = torch.tensor(raw_images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(raw_labels, dtype=torch.int64)
     train_idx, val_idx, test_idx = split_indices(len(labels), cfg.val_fraction, cfg.test_fraction, seed)
     mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
     images = _resize((images - mean) / std, cfg.image_size)

@@ -72,12 +72,36 @@ class ConvertMode:
         return f"ConvertMode({self.mode!r})"
 
 
+class EvalTransform:
+    """The evaluation transform a record describes: PIL image (any mode and size) -> normalised tensor.
+
+    Built on first use: every built-in data set carries one (for predict on user images), and
+    building it imports torchvision (and with it torch._dynamo), seconds of CPU a training rank
+    that never sees a PIL image should not pay at each start. Picklable (DataLoader workers)."""
+
+    def __init__(self, record: dict[str, Any]):
+        if record.get("input") != "image":
+            raise ValueError("not an image preprocessing record")
+        self.record = record
+        self._transform: Callable[[Any], torch.Tensor] | None = None
+
+    def __call__(self, image) -> torch.Tensor:
+        if self._transform is None:
+            self._transform = _compose_eval(self.record)
+        return self._transform(image)
+
+    def __repr__(self) -> str:
+        return repr(self._transform if self._transform is not None else _compose_eval(self.record))
+
+
 def eval_transform(record: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """The evaluation transform a record describes: PIL image (any mode and size) -> normalised tensor."""
+    """The evaluation transform a record describes (see `EvalTransform`)."""
+    return EvalTransform(record)
+
+
+def _compose_eval(record: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms as T
 
-    if record.get("input") != "image":
-        raise ValueError("not an image preprocessing record")
     steps: list = [ConvertMode(record["image_mode"])]
     resize = record.get("resize")
     if resize is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, call_cli, copy_run, manifests, run_cli, run_torchrun
+from conftest import TINY, call_cli, copy_run, manifests, run_forked, run_torchrun
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.serialization import tensor_file
@@ -136,7 +136,7 @@ def test_conditional_create_is_exclusive_on_s3(s3_server, s3_bucket):
 @pytest.mark.timeout(120)
 def test_retention_keeps_the_newest_n_on_local_disk(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "30", "--checkpoint-every", "3",
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "30", "--checkpoint-every", "3",
                       "--keep-last", "3"])
     assert result.returncode == 0, result.stderr
     assert [m["step"] for m in manifests(run_dir)] == [24, 27, 30]
@@ -167,7 +167,7 @@ def test_leftover_staging_folders_are_not_checkpoints_and_go_on_the_next_run(sto
     shutil.copytree(sorted(run_dir.glob("ckpt-*"))[-1], stale)
     listed = json.loads(call_cli(["ckpt", "list", str(run_dir), "--json"], capsys)[1])
     assert all(".staging" not in row["url"] for row in listed)
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "14", "--checkpoint-every", "4"])
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "14", "--checkpoint-every", "4"])
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert "resuming from" in result.stderr and "s0000000012" in result.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, descendants, kill_group, manifests, run_cli, run_torchrun, wait_for
+from conftest import PYTHON, REPO, base_env, descendants, kill_group, manifests, run_forked, run_torchrun, wait_for
 from support.fault_proxy import FaultProxy
 
 JOB = ["train", "--epochs", "2", "--max-steps", "36", "--checkpoint-every", "6", "--batch-size", "32",
@@ -87,14 +87,14 @@ def _cmdline(pid: int) -> str:
 def cached_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("cache")
     run_dir, cache = base / "run", base / "cache"
-    result = run_cli([*JOB, "--max-steps", "12", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    result = run_forked([*JOB, "--max-steps", "12", "--run-dir", str(run_dir), "--local-cache", str(cache)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in cache.glob("ckpt-*")] == ["ckpt-g0001-s0000000012"]
     return run_dir, cache
 
 
 def _resume(run_dir: Path, cache: Path) -> str:
-    result = run_cli([*JOB, "--max-steps", "18", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    result = run_forked([*JOB, "--max-steps", "18", "--run-dir", str(run_dir), "--local-cache", str(cache)])
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, descendants, run_cli, wait_for
+from conftest import PYTHON, REPO, base_env, descendants, run_forked, wait_for
 
 HOOKED_CLI = REPO / "tests" / "support" / "hooked_cli.py"
 # The save at step 3 holds at its last data file: model and optimizer files are written, no manifest yet.
@@ -78,9 +78,9 @@ def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
     # each worker stops: by its own watch, or by its peer's preemption vote, whichever comes first
     assert output.count(GONE_MESSAGE) >= 1 and "Traceback" not in output, output[-3000:]
 
-    verify = run_cli(["ckpt", "verify", str(run_dir)])
+    verify = run_forked(["ckpt", "verify", str(run_dir)])
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    listed = json.loads(run_cli(["ckpt", "list", str(run_dir), "--json"]).stdout)
+    listed = json.loads(run_forked(["ckpt", "list", str(run_dir), "--json"]).stdout)
     assert listed and all(row["valid"] for row in listed)
     steps = [row["step"] for row in listed]
     assert 3 in steps, steps  # the save that was in progress when the agent died was finished...

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, call_cli, kill_group, run_cli, wait_for
+from conftest import PYTHON, REPO, base_env, call_cli, kill_group, run_forked, wait_for
 from dist_train.errors import EXIT_PREEMPTED
 from dist_train.report.history import parse_metrics
 
@@ -35,7 +35,7 @@ def resumed_run(tmp_path_factory) -> Path:
         finally:
             kill_group(proc)
     assert status == EXIT_PREEMPTED, (base / "first.log").read_text()[-2000:]
-    second = run_cli(["train", "--run-dir", str(run_dir), *TRAIN])
+    second = run_forked(["train", "--run-dir", str(run_dir), *TRAIN])
     assert second.returncode == 0, second.stderr[-2000:]
     return run_dir
 

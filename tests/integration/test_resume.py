@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_each_epoch_exactly_once, PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_cli, run_torchrun, start_torchrun,
+from conftest import (assert_each_epoch_exactly_once, PYTHON, REPO, TINY, base_env, copy_run, kill_group, manifests, run_forked, run_torchrun, start_torchrun,
                       wait_for)
 from dist_train.errors import EXIT_BAD_INPUT
 
@@ -204,7 +204,7 @@ def test_corrupt_newest_checkpoints_are_skipped_with_reasons(small_run, tmp_path
     trainer = folders[-2] / "trainer.safetensors"  # truncated
     trainer.write_bytes(trainer.read_bytes()[:50])
     (folders[-3] / "manifest.json").write_text("\x00garbage")  # garbage manifest
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "22", "--checkpoint-every", "4"])
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "22", "--checkpoint-every", "4"])
     assert result.returncode == 0, result.stderr
     err = result.stderr
     assert "resuming from" in err and "ckpt-g0001-s0000000008 (step 8" in err
@@ -220,7 +220,7 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint_history(small_run, tmp_pa
     run_dir = copy_run(small_run, tmp_path)
     before = sorted(f.name for f in run_dir.glob("ckpt-*"))
     for _ in range(2):
-        result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "20", "--checkpoint-every", "4",
+        result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "20", "--checkpoint-every", "4",
                           "--keep-last", "3"])
         assert result.returncode == 0, result.stderr
         assert "finished at step 20" in result.stderr and "committed" not in result.stderr
@@ -231,7 +231,7 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint_history(small_run, tmp_pa
 def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(small_run, tmp_path):
     run_dir = copy_run(small_run, tmp_path)
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--model", "mlp"])
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--model", "mlp"])
     assert result.returncode == EXIT_BAD_INPUT
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "cnn" in result.stderr and "mlp" in result.stderr
@@ -241,7 +241,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_is_written(sma
 @pytest.mark.timeout(120)
 def test_resume_never_does_not_start_over_beside_existing_checkpoints(small_run, tmp_path):
     run_dir = copy_run(small_run, tmp_path)
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--resume", "never"])
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--resume", "never"])
     assert result.returncode == EXIT_BAD_INPUT and "already holds 5 checkpoint" in result.stderr
     assert len(list(run_dir.glob("_attempts/*"))) == 1
 
@@ -250,7 +250,7 @@ def test_resume_never_does_not_start_over_beside_existing_checkpoints(small_run,
 def test_resume_from_an_explicit_checkpoint_url_into_a_new_run_dir(small_run, tmp_path):
     source = sorted(small_run.glob("ckpt-*"))[1]
     run_dir = tmp_path / "finetune"
-    result = run_cli(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "12", "--resume", str(source)])
+    result = run_forked(["train", "--run-dir", str(run_dir), *TINY, "--max-steps", "12", "--resume", str(source)])
     assert result.returncode == 0, result.stderr
     assert f"resuming from {source}" in result.stderr
     assert [m["step"] for m in manifests(run_dir)][-1] == 12

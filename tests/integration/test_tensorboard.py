@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, kill_group, manifests, run_cli, wait_for
+from conftest import PYTHON, REPO, base_env, kill_group, manifests, run_cli, run_forked, wait_for
 from dist_train.data.config import DataConfig
 from dist_train.data.registry import build_datasets
 from dist_train.errors import EXIT_PREEMPTED
@@ -84,7 +84,7 @@ def test_tags_at_their_steps_and_no_step_twice_after_sigterm_and_a_resume_that_r
     # The newest checkpoint is damaged: the resume skips it and redoes the steps after the one before.
     ckpt = next(p.parent for p in run_dir.glob("ckpt-*/manifest.json") if f"-s{stopped:010d}" in p.parent.name)
     corrupt(ckpt / "model.safetensors")
-    second = run_cli(["train", "--run-dir", str(run_dir), *FLAGS, "--epochs", "50", "--log-every", "1",
+    second = run_forked(["train", "--run-dir", str(run_dir), *FLAGS, "--epochs", "50", "--log-every", "1",
                       "--max-steps", str(LAST)], timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"skipping checkpoint {ckpt}" in second.stderr and f"(step {resumed_from}," in second.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, manifests, run_cli
+from conftest import TINY, manifests, run_forked
 from dist_train.checkpoint.state import read_payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.data.config import DataConfig
@@ -37,8 +37,8 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     """2 micro-batches of 16 make the same optimizer step as one batch of 32 (the loss is a global mean)."""
     common = ["--epochs", "1", "--max-steps", "6", "--no-progress", "--optimizer", "sgd", "--lr", "0.1",
               "--grad-clip", "5.0", "--lr-schedule", "cosine", "--warmup-steps", "2"]
-    a = run_cli(["train", "--run-dir", str(tmp_path / "a"), *common, "--batch-size", "32"])
-    b = run_cli(["train", "--run-dir", str(tmp_path / "b"), *common, "--batch-size", "16", "--grad-accum", "2"])
+    a = run_forked(["train", "--run-dir", str(tmp_path / "a"), *common, "--batch-size", "32"])
+    b = run_forked(["train", "--run-dir", str(tmp_path / "b"), *common, "--batch-size", "16", "--grad-accum", "2"])
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     for key in wa:
@@ -48,7 +48,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_adamw_with_step_schedule_and_augmentation_trains(tmp_path):
-    result = run_cli(["train", "--run-dir", str(tmp_path / "r"), *TINY, "--optimizer", "adamw", "--weight-decay",
+    result = run_forked(["train", "--run-dir", str(tmp_path / "r"), *TINY, "--optimizer", "adamw", "--weight-decay",
                       "0.01", "--lr-schedule", "step", "--lr-step-size", "20", "--augment", "--max-steps", "40"])
     assert result.returncode == 0, result.stderr
     final = manifests(tmp_path / "r")[-1]
@@ -80,7 +80,7 @@ def test_mnist_is_read_from_the_data_root_without_download(tmp_path):
 def test_the_last_validation_is_in_the_newest_checkpoint_when_max_steps_meets_an_interval(tmp_path, capsys):
     """--max-steps a multiple of --checkpoint-every, stopping mid-epoch: validate first, then save once."""
     run_dir = tmp_path / "run"
-    result = run_cli(["train", "--run-dir", str(run_dir), "--epochs", "3", "--max-steps", "10",
+    result = run_forked(["train", "--run-dir", str(run_dir), "--epochs", "3", "--max-steps", "10",
                       "--checkpoint-every", "5", "--no-progress"])
     assert result.returncode == 0, result.stderr
     newest = manifests(run_dir)[-1]

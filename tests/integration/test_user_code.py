@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, final_digest, kill_group, manifests, run_cli, wait_for
+from conftest import PYTHON, REPO, base_env, final_digest, kill_group, manifests, run_cli, run_forked, wait_for
 from dist_train.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 SUPPORT = REPO / "tests" / "support"
@@ -165,7 +165,7 @@ def test_user_model_and_data_with_regression_learn_resume_exactly_evaluate_and_e
     assert val[-1]["mse"] < 0.5 * baseline_mse, (val[-1], baseline_mse)
 
     # evaluate rebuilds the user's model and data set from the manifest (userpkg on PYTHONPATH)
-    result = run_cli(["evaluate", "--checkpoint", str(run_dir), "--json"], env=USER_PATH)
+    result = run_forked(["evaluate", "--checkpoint", str(run_dir), "--json"], env=USER_PATH)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert (report["model"], report["task"], report["step"], report["count"]) == \
@@ -310,7 +310,7 @@ def test_python_api_script_with_stateful_extra_and_callbacks(tmp_path, huber_ref
     final = manifests(run_dir)[-1]
     assert final["model"]["name"] == "userpkg.models:build" and final["task"] == "userpkg.tasks:huber"
     # the callables are recorded as import paths: evaluate rebuilds model, data and task
-    result = run_cli(["evaluate", "--checkpoint", str(run_dir), "--json"], env=USER_PATH)
+    result = run_forked(["evaluate", "--checkpoint", str(run_dir), "--json"], env=USER_PATH)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["task"] == "userpkg.tasks:huber" and report["step"] == STEPS
@@ -336,6 +336,6 @@ BAD = [
 @pytest.mark.parametrize("bad, names", BAD, ids=[" ".join(b) for b, _ in BAD])
 def test_bad_user_code_exits_2_with_one_line_and_writes_nothing(tmp_path, bad, names):
     run_dir = tmp_path / "run"
-    result = run_cli(["train", "--run-dir", str(run_dir), *CLI_FLAGS, "--task", "regression", *bad], env=USER_PATH)
+    result = run_forked(["train", "--run-dir", str(run_dir), *CLI_FLAGS, "--task", "regression", *bad], env=USER_PATH)
     one_line_error(result, *names)
     assert not run_dir.exists()

@@ -42,7 +42,7 @@ class ForkServer:
             raise RuntimeError("fork server did not start")
 
     def run(self, argv: list[str], env: dict[str, str] | None = None, hooks: dict[str, str] | None = None,
-            timeout: float = 60) -> Result:
+            timeout: float = 60, cwd: str | Path | None = None) -> Result:
         """One CLI process with the environment `base_env(env)` plus `hooks` (DT_HOOK_* variables)."""
         from conftest import base_env
 
@@ -50,6 +50,8 @@ class ForkServer:
         out, err = self.workdir / f"forked-{self.count}.out", self.workdir / f"forked-{self.count}.err"
         request = {"argv": argv, "env": {**base_env(env), **(hooks or {})}, "out": str(out), "err": str(err),
                    "timeout": timeout}
+        if cwd is not None:
+            request["cwd"] = str(cwd)
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())

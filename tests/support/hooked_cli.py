@@ -150,6 +150,10 @@ def _child(request: dict) -> None:
         os.setpgid(0, 0)
         os.environ.clear()
         os.environ.update(request["env"])
+        # what a fresh interpreter makes of PYTHONPATH (a user's package beside the job)
+        for entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
         for target, path in ((1, request["out"]), (2, request.get("err") or request["out"])):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, target)
@@ -182,6 +186,7 @@ def serve() -> None:
     import s3fs  # noqa: F401
     import sklearn.datasets  # noqa: F401
     import torch
+    import torch._dynamo  # noqa: F401 - every optimizer imports it on first use (seconds of CPU)
     import torchvision  # noqa: F401
 
     torch.set_num_threads(1)

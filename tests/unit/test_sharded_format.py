@@ -120,6 +120,18 @@ def test_owners_are_balanced_deterministic_and_buffers_stay_on_rank0():
     assert abs(load[0] - load[1]) <= 10
 
 
+def test_rank0_writes_less_by_the_model_digest_it_hashes():
+    sizes = {f"t{i}": 10 for i in range(20)}
+    owners = assign_owners(sizes, 2, rank0_load=60)
+    load = [sum(sizes[k] for k, r in owners.items() if r == rank) for rank in (0, 1)]
+    assert load == [70, 130]  # 60 + 70 against 130
+    model, optimizer = trained()
+    state, pinned = collect_state(model, optimizer)
+    written = [sum(p.tensor.nbytes for ps in take_share(state, rank, 2, 1, pinned).pieces.values() for p in ps)
+               for rank in (0, 1)]
+    assert written[0] < written[1]
+
+
 def test_the_ranks_shares_of_a_replicated_state_are_disjoint_and_complete():
     model, optimizer = trained()
     state, pinned = collect_state(model, optimizer)
