@@ -176,9 +176,20 @@ def final_digest(run_dir: Path) -> str:
     return manifests(run_dir)[-1]["model_digest"]
 
 
+# The files whose tests take longest (minutes of torchrun jobs), longest first: they start first, so
+# the quick files fill the workers at the end instead of one long file running alone.
+LONGEST_FILES = ("test_bench.py", "test_resume.py", "test_user_code.py", "test_examples.py", "test_crash_points.py",
+                 "test_fsdp.py", "test_sharded_checkpoints.py", "test_local_cache.py", "test_checkpoint_store.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` repeat what faster ones show (another server, another provider's notice through
-    a whole job): they run with DT_SLOW_TESTS=1, so the default suite stays within its time budget."""
+    """Longest files first (see LONGEST_FILES; the order within a file is kept). Tests marked `slow`
+    repeat what faster ones show (another server, another provider's notice through a whole job): they
+    run with DT_SLOW_TESTS=1, so the default suite stays within its time budget."""
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+    items.sort(key=rank)
     if os.environ.get("DT_SLOW_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="slow: set DT_SLOW_TESTS=1 to run it")

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import uuid
@@ -74,6 +75,18 @@ def _ratio(key: str, what: str, target: str, timings: dict[str, Any], numerator:
     a, b = timings.get(numerator) or [], timings.get(denominator) or []
     figure.ratios = [x / y if y > 0 else float("nan") for x, y in zip(a, b)]
     figure.raw = {f"{numerator}_s": a, f"{denominator}_s": b, "bytes": timings.get("bytes")}
+    cpu_a, cpu_b = timings.get(f"{numerator}_cpu") or [], timings.get(f"{denominator}_cpu") or []
+    if cpu_a and cpu_b:
+        cores = os.cpu_count() or 1
+        figure.raw.update({f"{numerator}_cpu_s": cpu_a, f"{denominator}_cpu_s": cpu_b, "cores": cores})
+        # Both sides do the same work, so with every core busy `denominator` can take no less than
+        # its CPU seconds / cores: numerator / that is the most this machine can show.
+        bounds = [wall * cores / cpu for wall, cpu in zip(a, cpu_b) if cpu > 0]
+        if bounds:
+            figure.raw["bound_on_this_machine"] = bounds
+            busy = statistics.median(x / w for x, w in zip(cpu_a, a) if w > 0)
+            figure.notes.append(f"{numerator} keeps {busy:.2f} of {cores} cores busy; with {denominator}'s CPU "
+                                f"seconds this machine can show at most {statistics.median(bounds):.2f}")
     return figure
 
 
@@ -96,12 +109,17 @@ def _step(wrapped, optimizer, batch: int = 64) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _timed(env, action) -> float:
+def _timed(env, action, cpu: list[float] | None = None) -> float:
+    """Wall seconds of `action` on every rank (rank 0's clock); with `cpu`, appends the CPU seconds
+    all ranks spent in it (every thread, summed over the ranks)."""
     env.barrier()
-    started = time.perf_counter()
+    started, used = time.perf_counter(), time.process_time()
     action()
     env.barrier()
-    return time.perf_counter() - started
+    seconds, used = time.perf_counter() - started, time.process_time() - used
+    if cpu is not None:
+        cpu.append(env.all_reduce_sum([used])[0])
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             _clean_all(env, storage)
         for rep in range(args.repeats):
             for side in (names if rep % 2 == 0 else names[::-1]):
-                results[side].append(_timed(env, sides[side]))
+                results[side].append(_timed(env, sides[side], results.setdefault(f"{side}_cpu", [])))
                 _clean_all(env, storage)
             if env.is_rank0:
                 log.info("sharded saves: repetition %d/%d done", rep + 1, args.repeats)

@@ -32,6 +32,26 @@ def test_embedded_digits_need_no_download_and_have_real_labels():
     assert {bundle.train[i][1] for i in range(200)} == set(range(10))
 
 
+def test_digits_load_without_scikit_learn_or_torchvision_and_equal_sklearns_loader():
+    import subprocess
+    import sys
+
+    # a training rank on the default data pays for neither import (seconds of CPU at every start)
+    probe = ("import sys; from dist_train.data.datasets import _load_digits; images, labels = _load_digits(); "
+             "from dist_train.data.config import DataConfig; from dist_train.data.registry import build_datasets; "
+             "build_datasets(DataConfig(), seed=0); "
+             "print(images.shape, labels.shape, 'sklearn' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1797,", "8,", "8)", "(1797,)", "False", "False"]
+    from sklearn.datasets import load_digits
+
+    from dist_train.data.datasets import _load_digits
+
+    images, labels = _load_digits()
+    reference = load_digits()
+    assert (images == reference.images).all() and (labels == reference.target).all()
+
+
 def test_synthetic_data_has_any_shape_and_is_reproducible():
     cfg = DataConfig(dataset="synthetic", synthetic_size=64, synthetic_shape="3,16,12", synthetic_classes=4)
     a, b = build_datasets(cfg, seed=1), build_datasets(cfg, seed=1)
