@@ -17,6 +17,11 @@ Figures: `sharded_save_speedup` = rank0 / all on local disk (target >= 1.5: hash
 split in two), `sharded_save_speedup_s3` the same on S3, `sharded_vs_dcp_save` = dcp / fsdp
 (ours with hashes and a manifest against theirs without; report), `fsdp_overhead` = FSDP step
 time / DDP step time of the same model and batch (report; 2 vCPUs say little about it).
+
+Each save is also timed in CPU seconds (every thread of every rank): the rank-0 path hashes on
+threads beside its writes, so on a machine with few cores it already keeps most of them busy, and
+`raw.bound_on_this_machine` (rank0 wall x cores / all-ranks CPU seconds) is the most the split can
+show there (local disk only; on S3 the server's CPU is not counted).
 """
 
 from __future__ import annotations
