@@ -232,24 +232,16 @@ def test_user_module_bad_flag_exits_2(tmp_path):
     assert not run_dir.exists()
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(150)
-def test_sigterm_to_launcher_of_user_script_exits_75(tmp_path):
-    """A user's script (`-- SCRIPT.py`, `dist_train.main(...)` with callables): SIGTERM to the launcher once a
-    checkpoint is committed -> forwarded, every rank commits at one step boundary, the launcher exits 75."""
-    run_dir, hooks, log_path = tmp_path / "run", tmp_path / "hooks", tmp_path / "launch.log"
-    env = base_env({"PYTHONPATH": os.pathsep.join([str(REPO), str(SUPPORT)]), "USERPKG_HOOKS": str(hooks)})
-    cmd = [PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node", "2", "--", str(USER_SCRIPT),
-           "--run-dir", str(run_dir), "--epochs", "1000", "--max-steps", "1000000", "--checkpoint-every", "3",
-           "--batch-size", "16", "--log-every", "5", "--no-progress"]
+def sigterm_after_first_commit(cmd: list[str], env: dict[str, str], run_dir, log_path) -> int:
+    """Start `cmd` (a launcher) and SIGTERM it alone once a checkpoint is committed: it exits 75 with the
+    preemption checkpoint committed, one closing line and no traceback. Returns that checkpoint's step."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
     try:
         wait_for(lambda: any(run_dir.glob("ckpt-*/manifest.json")) or proc.poll() is not None, timeout=100,
                  what="the first committed checkpoint")
         assert proc.poll() is None, log_path.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)  # the launcher only, as Kubernetes does to a pod's PID 1
+        proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=45)
     finally:
         kill_group(proc)
@@ -261,6 +253,20 @@ def test_sigterm_to_launcher_of_user_script_exits_75(tmp_path):
     assert step in [m["step"] for m in manifests(run_dir)]
     assert output.strip().splitlines()[-1].startswith("dist-train launch: SIGTERM received")
     assert "Traceback" not in output
+    return step
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_sigterm_to_launcher_of_user_script_exits_75(tmp_path):
+    """A user's script (`-- SCRIPT.py`, `dist_train.main(...)` with callables): SIGTERM to the launcher once a
+    checkpoint is committed -> forwarded, every rank commits at one step boundary, the launcher exits 75."""
+    run_dir, hooks, log_path = tmp_path / "run", tmp_path / "hooks", tmp_path / "launch.log"
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(REPO), str(SUPPORT)]), "USERPKG_HOOKS": str(hooks)})
+    cmd = [PYTHON, "-m", "dist_train", "launch", "--standalone", "--nproc-per-node", "2", "--", str(USER_SCRIPT),
+           "--run-dir", str(run_dir), "--epochs", "1000", "--max-steps", "1000000", "--checkpoint-every", "3",
+           "--batch-size", "16", "--log-every", "5", "--no-progress"]
+    sigterm_after_first_commit(cmd, env, run_dir, log_path)  # the launcher only, as Kubernetes does to PID 1
     for rank in (0, 1):  # the user's callbacks saw the preemption on every rank
         hooks_seen = [json.loads(line)["hook"] for line in (hooks / f"rank{rank}.jsonl").read_text().splitlines()]
         assert "on_preemption" in hooks_seen, (rank, hooks_seen[-5:])
@@ -273,23 +279,6 @@ def test_sigterm_to_launcher_commits_and_exits_75(tmp_path):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "launch.log"
     env = base_env({"NPROC_PER_NODE": "2", "DIST_TRAIN": f"{PYTHON} -m dist_train"})
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(["bash", str(REPO / "launch" / "single-node.sh"), "--run-dir", str(run_dir),
-                                 "--epochs", "1000", "--max-steps", "1000000", "--checkpoint-every", "3",
-                                 *TINY_LAUNCH], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-    try:
-        wait_for(lambda: any(run_dir.glob("ckpt-*/manifest.json")) or proc.poll() is not None, timeout=100,
-                 what="the first committed checkpoint")
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)  # the launcher only: the script exec'd into it
-        status = proc.wait(timeout=45)
-    finally:
-        kill_group(proc)
-    output = log_path.read_text()
-    assert status == EXIT_PREEMPTED, output[-3000:]
-    match = re.search(r"preempted at step (\d+): checkpoint committed", output)
-    assert match, output[-3000:]
-    assert int(match.group(1)) in [m["step"] for m in manifests(run_dir)]
-    assert output.strip().splitlines()[-1].startswith("dist-train launch: SIGTERM received")
-    assert "Traceback" not in output
+    cmd = ["bash", str(REPO / "launch" / "single-node.sh"), "--run-dir", str(run_dir), "--epochs", "1000",
+           "--max-steps", "1000000", "--checkpoint-every", "3", *TINY_LAUNCH]
+    sigterm_after_first_commit(cmd, env, run_dir, log_path)  # the launcher only: the script exec'd into it
