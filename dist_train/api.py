@@ -7,9 +7,15 @@ def build_model(in_features: int): ...          # gets what the data set reports
 def make_dataset(split: str): ...               # "train", "val" (and "test")
 
 if __name__ == "__main__":
-    dist_train.main(model=build_model, dataset=make_dataset, task="regression",
-                    extras=lambda model: {"ema": EMA(model)}, callbacks=[PrintLoss()])
+    hook = UpdateEMA()                           # a Callback whose on_train_batch_end updates hook.ema
+    def extras(model):
+        hook.ema = EMA(model)                    # saved in every checkpoint, restored on resume
+        return {"ema": hook.ema}
+    dist_train.main(model=build_model, dataset=make_dataset, task="regression", extras=extras, callbacks=[hook])
 ```
+
+A script run by path (`torchrun my_train.py`) is recorded as `/path/to/my_train.py:build_model`:
+`evaluate`, `predict` and `export` load it again without running its `__main__` block.
 
 The script takes the same flags as `dist-train train` (`--run-dir s3://...`, `--epochs`, ...)
 and runs the same way, one process or `torchrun --nproc-per-node 2 my_train.py ...`.
@@ -44,7 +50,7 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
     Returns the exit status (0 finished, 2 bad input, 75 preempted: see the README).
     """
     from dist_train.cli.parsing import Parser
-    from dist_train.config.job import add_config_arguments, dump_yaml, resolve
+    from dist_train.config.job import add_config_arguments
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train"
     grouped = False  # set once the process group forms: from then on the ranks agree on an error
@@ -52,31 +58,11 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
         parser = Parser(prog=prog, description="A dist_train training job (flags as for `dist-train train`).")
         add_config_arguments(parser)
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        cfg = resolve(args)
-        # config.yaml and every manifest name the callables as import paths (not the flags' defaults),
-        # so evaluate/predict/export rebuild the user's data set, not `digits`
-        from dist_train.plugins import qualified_name
-        if dataset is not None:
-            cfg.data.dataset = qualified_name(dataset)
-        if model is not None:
-            cfg.model.model = qualified_name(model)
-        if isinstance(task, str):
-            cfg.train.task = task
-        elif task is not None:
-            cfg.train.task = getattr(task, "name", None) if hasattr(task, "score") else qualified_name(task)
-        from dist_train.checkpoint.storage import check_url_scheme
-        check_url_scheme(cfg.checkpoint.run_dir)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        from dist_train.distributed.env import configure_logging, distributed
-        from dist_train.training.job import UserCode, run_training
 
-        code = UserCode(model, dataset, task, extras, list(callbacks))
-        grouped = True
-        with distributed(cfg.train.device) as env:
-            configure_logging(env)
-            return run_training(cfg, env, code)
+        def group_forms() -> None:
+            nonlocal grouped
+            grouped = True
+        return run_job(args, model, dataset, task, extras, callbacks, group_forms)
     except UserError as exc:
         if os.environ.get("RANK", "0") == "0" or isinstance(exc, LocalUserError):
             print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
@@ -87,6 +73,45 @@ def train(model: Callable[..., Any] | None = None, dataset: Callable[..., Any] |
             time.sleep(PEER_GRACE_S)
         exc.__traceback__ = None  # frees the failed job's DataLoader workers now (see cli/main.py)
         return EXIT_BAD_INPUT
+
+
+def run_job(args: Any, model: Callable[..., Any] | None = None, dataset: Callable[..., Any] | None = None,
+            task: Any = None, extras: Callable[[Any], dict] | dict | None = None,
+            callbacks: Iterable[Any] = (), group_forms: Callable[[], None] | None = None) -> int:
+    """The one path from parsed flags to a finished job: `dist-train train` and `train(...)` both end here.
+
+    The config is resolved from the flags, the callables named in it as import paths (so
+    config.yaml and every manifest name what evaluate/predict/export must rebuild, not the
+    flags' defaults), the run dir's scheme checked; then the job runs in a process group
+    (`--print-config` only prints). `group_forms()` is called as the process group forms (errors
+    before it were found by every rank alike). A UserError propagates to the caller, which prints it.
+    """
+    from dist_train.checkpoint.storage import check_url_scheme
+    from dist_train.config.job import dump_yaml, resolve
+    from dist_train.plugins import qualified_name
+
+    cfg = resolve(args)
+    if dataset is not None:
+        cfg.data.dataset = qualified_name(dataset)
+    if model is not None:
+        cfg.model.model = qualified_name(model)
+    if isinstance(task, str):
+        cfg.train.task = task
+    elif task is not None:
+        cfg.train.task = getattr(task, "name", None) if hasattr(task, "score") else qualified_name(task)
+    check_url_scheme(cfg.checkpoint.run_dir)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from dist_train.distributed.env import configure_logging, distributed
+    from dist_train.training.job import UserCode, run_training
+
+    code = UserCode(model, dataset, task, extras, list(callbacks))
+    if group_forms is not None:
+        group_forms()
+    with distributed(cfg.train.device) as env:
+        configure_logging(env)
+        return run_training(cfg, env, code)
 
 
 def main(*args: Any, **kwargs: Any) -> None:

@@ -27,6 +27,10 @@ def is_import_path(name: str) -> bool:
 
 def import_object(path: str, what: str) -> Any:
     """`package.module:attr.sub` -> the object; a UserError naming `path` when it cannot be had."""
+    if is_script_path(path):
+        module_name, _, attr = path.rpartition(":")
+        module = load_script(module_name, what, path)
+        return _attribute(module, module_name, attr, what, path)
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UserError(f"{what} {path!r}: an import path is MODULE:ATTR, e.g. mypkg.models:build")
@@ -43,13 +47,60 @@ def import_object(path: str, what: str) -> Any:
         raise UserError(f"{what} {path}: module {module_name} imports {missing}, which is not installed") from None
     except Exception as exc:  # noqa: BLE001 - any failure while importing the user's module is theirs
         raise UserError(f"{what} {path}: importing module {module_name} failed: {brief(exc)}") from None
+    return _attribute(module, module_name, attr, what, path)
+
+
+def _attribute(module: Any, module_name: str, attr: str, what: str, path: str) -> Any:
     target: Any = module
     for part in attr.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise UserError(f"{what} {path}: module {module_name} has no attribute {attr}") from None
+            raise UserError(f"{what} {path}: module {module_name} has no attribute {attr}"
+                            f"{did_you_mean(part, target)}") from None
     return target
+
+
+def is_script_path(path: str) -> bool:
+    """`some/dir/my_train.py:build`: a script run by path (`torchrun my_train.py`), not a module."""
+    file, _, attr = path.rpartition(":")
+    return bool(attr) and file.endswith(".py")
+
+
+def load_script(file: str, what: str, path: str) -> Any:
+    """The script as a module named after its path, *not* `__main__`: its `if __name__ == "__main__"`
+    block (the training run itself) does not run; loaded once per process."""
+    import importlib.util
+
+    full = os.path.abspath(file)
+    name = "dist_train_script_" + "".join(c if c.isalnum() else "_" for c in full)
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(full):
+        raise UserError(f"{what} {path}: script {file} not found (pass the model as --model MODULE:ATTR "
+                        "if it moved)")
+    spec = importlib.util.spec_from_file_location(name, full)
+    module = importlib.util.module_from_spec(spec)
+    folder = os.path.dirname(full)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # as when it ran: its neighbours import
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's script failed while loading
+        del sys.modules[name]
+        raise UserError(f"{what} {path}: loading script {file} failed: {brief(exc)}") from None
+    return module
+
+
+def did_you_mean(name: str, owner: Any) -> str:
+    """`; did you mean build_model?` from the owner's public attributes (difflib), or ""."""
+    import difflib
+
+    names = [n for n in dir(owner) if not n.startswith("_")]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6) or \
+        [n for n in names if n.lower() == name.lower()]
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def accepted_kwargs(func: Callable, offered: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +135,8 @@ def qualified_name(obj: Any) -> str:
         spec = getattr(main, "__spec__", None)
         if spec is not None and spec.name:
             module = spec.name  # `python -m pkg.script`: importable again under that name
+        elif getattr(main, "__file__", None) and str(main.__file__).endswith(".py"):
+            module = os.path.abspath(main.__file__)  # `torchrun my_train.py`: loadable again by path
     return f"{module}:{qualname}"
 
 

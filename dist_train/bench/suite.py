@@ -17,16 +17,21 @@ from dist_train.bench.measure import Figure, log
 
 FAMILIES = ("io", "load", "restart", "s3", "training", "resume")
 # Run only when asked for (`--only sharded`) until the default run's budget and smoke test include it.
-EXTRA_FAMILIES = ("sharded",)
+EXTRA_FAMILIES = ("sharded", "goodput", "data")
 # Each family and the figures it produces (so a failed family still reports its keys).
 FIGURES = {"io": [("stall_ratio", "<= 0.05"), ("save_efficiency", ">= 0.80"), ("async_thread_vs_process", "")],
-           "load": [("load_ratio", "<= 1.2"), ("load_ratio_old_path", "")],
-           "restart": [("restart_load_ratio", "<= 0.2")],
+           "load": [("load_ratio", "<= 1.2"), ("load_ratio_old_path", ""), ("restore_vs_dcp", "<= 1.5")],
+           "restart": [("restart_load_ratio", "<= 0.2"), ("restore_bytes_ratio", "<= 1.05"),
+                       ("restore_scaling", "<= 1.1"), ("restore_sha256_ratio", "<= 1.1"), ("restore_cpu_ratio", "")],
            "s3": [("s3_efficiency", ">= 0.85")],
            "training": [("trainer_overhead", "<= 1.03"), ("ddp_scaling", ">= 0.85"), ("checkpoint_overhead", "<= 1.035")],
            "resume": [("resume_ratio", "<= 1.5")],
            "sharded": [("sharded_save_speedup", ">= 1.5"), ("sharded_save_speedup_s3", ""),
-                       ("sharded_vs_dcp_save", ""), ("fsdp_overhead", "")]}
+                       ("sharded_vs_dcp_save", ""), ("fsdp_overhead", "")],
+           "goodput": [("auto_vs_best_fixed", ">= 0.97"), ("lost_work_accuracy", "")],
+           "data": [(key + server, target) for server in ("", "_seaweedfs") for key, target in (
+               ("packed_warm_vs_folder", ">= 0.9"), ("packed_cold_vs_folder", ""), ("packed_cold_vs_boto3", ">= 0.8"),
+               ("packed_vs_webdataset", ""), ("packed_vs_mds", ""), ("packed_bytes_read_ratio", "<= 1.05"))]}
 # The sharded family's own sizes (local state, S3 state, repetitions, timed steps): --quick about a minute.
 SHARDED_SIZES = {"tiny": (4 * 2**20, 2 * 2**20, 1, 2), "quick": (64 * 2**20, 32 * 2**20, 3, 5),
                  "full": (512 * 2**20, 256 * 2**20, 5, 10)}
@@ -63,10 +68,14 @@ def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]
         return checkpoint_io.run(work_dir, settings.state_bytes, settings.io_repeats, settings.compare_process)
     if name == "load":
         from dist_train.bench import load
-        return load.run(work_dir, settings.state_bytes, settings.io_repeats)
+        restore_bytes = {"tiny": settings.state_bytes, "quick": load.RESTORE_BYTES // 4}.get(settings.name,
+                                                                                           load.RESTORE_BYTES)
+        return load.run(work_dir, settings.state_bytes, settings.io_repeats, restore_bytes)
     if name == "restart":
         from dist_train.bench import restart
-        return restart.run(work_dir, settings.state_bytes, settings.io_repeats)
+        from dist_train.bench import restore_scale
+        return [*restart.run(work_dir, settings.state_bytes, settings.io_repeats),
+                *restore_scale.run(work_dir, settings.state_bytes, max(1, settings.repeats))]
     if name == "s3":
         from dist_train.bench import s3
         return s3.run(settings.s3_bytes, settings.repeats)
@@ -77,6 +86,12 @@ def _family(name: str, settings: Settings, work_dir: str, shared: dict[str, Any]
         from dist_train.bench import sharded
         local, remote, repeats, steps = SHARDED_SIZES[settings.name]
         return sharded.run(work_dir, local, remote, repeats, steps)
+    if name == "goodput":
+        from dist_train.bench import goodput
+        return goodput.run(work_dir, settings.name)
+    if name == "data":
+        from dist_train.bench import data
+        return data.run(work_dir, settings.name, settings.repeats)
     from dist_train.bench import resume
     return resume.run(work_dir, settings.workload, settings.repeats, shared.get("checkpointed_run"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config.fields import option, positive
+from dist_train.goodput.interval import check_bound, check_every, check_mtbf
 
 
 def _resume(value: str) -> str | None:
@@ -19,8 +20,18 @@ class CheckpointConfig:
                           "or any fsspec URL", kind=str)
     storage_options: dict = option({}, "JSON object passed to the fsspec filesystem (e.g. endpoint_url)",
                                    kind="json", secret=True)
-    checkpoint_every: int | None = option(None, "commit a checkpoint every N optimizer steps (also at each "
-                                          "epoch end and at the end)", kind=int, nullable=True, check=positive)
+    checkpoint_every: str | None = option(None, "commit a checkpoint every N optimizer steps, every DURATION "
+                                          "(90s, 10m, 2h) of training, or auto: the interval that maximises "
+                                          "goodput from the measured save cost and --mtbf (docs/goodput.md); also "
+                                          "at each epoch end and at the end", kind=str, nullable=True,
+                                          check=check_every)
+    mtbf: str | None = option(None, "mean time between interruptions for --checkpoint-every auto (90m, 2h); "
+                              "default: estimated from the run dir's attempts, 1h for a new run", kind=str,
+                              nullable=True, check=check_mtbf)
+    checkpoint_every_min: str | None = option(None, "lower bound of --checkpoint-every auto: steps or a duration",
+                                              kind=str, nullable=True, check=check_bound)
+    checkpoint_every_max: str | None = option(None, "upper bound of --checkpoint-every auto: steps or a duration",
+                                              kind=str, nullable=True, check=check_bound)
     keep_last: int | None = option(None, "keep only the newest N committed checkpoints", kind=int,
                                    nullable=True, check=positive)
     keep_best: int | None = option(None, "also keep the N checkpoints with the lowest validation loss",

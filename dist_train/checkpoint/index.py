@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dist_train.checkpoint import catalog
+from dist_train.checkpoint import digest
 from dist_train.checkpoint.serialization import MAX_HEADER, SKELETON_KEY, _DTYPES, FormatError, unflatten
 from dist_train.checkpoint.sharded import CHUNKS_KEY, OBJECTS_KEY, SHARDS, is_sharded
 from dist_train.checkpoint.storage import Storage
@@ -310,8 +310,10 @@ def verify_share(folder: Storage, manifest: dict[str, Any], rank: int = 0, world
             return f"file {name} is missing"
         if size != entry["size"]:
             return f"file {name} is {size} bytes, manifest says {entry['size']}"
-        if catalog.sha256_of(folder, name) != entry["sha256"]:
-            return f"file {name} does not match its sha256 (corrupted)"
+        try:
+            digest.verify_file(folder, name, entry)  # the chunk digests on several threads when listed
+        except digest.CorruptCheckpoint as exc:
+            return str(exc)
     return None
 
 

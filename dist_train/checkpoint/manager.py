@@ -29,20 +29,17 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint import resolver
-from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint import restore
 from dist_train.checkpoint.fencing import AttemptRegistry, new_writer_id
 from dist_train.checkpoint.local_cache import LocalCache
 from dist_train.checkpoint.retention import RetentionPolicy
 from dist_train.checkpoint.saver import Checkpointer
-from dist_train.checkpoint.state import (MODEL, CorruptCheckpoint, Payload, Snapshot, SnapshotBuffers, read_payload,
-                                         to_cpu_tree)
+from dist_train.checkpoint.state import Payload, Snapshot, SnapshotBuffers, to_cpu_tree
 from dist_train.checkpoint.storage import Storage
 from dist_train.checkpoint.writer import CheckpointWriter, Committed, clean_stale
 from dist_train.determinism import restore_rng_state
-from dist_train.distributed.env import DistEnv
+from dist_train.distributed.env import DistEnv, stop_with_agent
 from dist_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,6 +103,7 @@ class CheckpointManager:
         if verify not in ("sha256", "size"):
             raise UserError(f"verify must be sha256 or size, got {verify!r}")
         self.env = env or DistEnv.current()
+        stop_with_agent()  # a hand-written loop's workers, too, stop when their torchrun agent dies
         self.options = dict(storage_options or {})
         self.storage = Storage(run_dir, self.options)
         self.env.on_every_rank(lambda: self.storage.check_reachable() if self.env.is_rank0 else None)
@@ -127,8 +125,23 @@ class CheckpointManager:
         self._saver: Checkpointer | None = None
         self._buffers = SnapshotBuffers()
         self._resumed_step: int | None = None
+        self._saved_reason: str | None = None  # of the newest save, named when a second save of its step is skipped
         self.cache = LocalCache(local_cache, self.storage.display_url, local_cache_keep) if local_cache else None
         self.restored_from_cache = False
+
+    @classmethod
+    def from_config(cls, config: Any, env: DistEnv | None = None, *, writers: str | None = None,
+                    **overrides: Any) -> "CheckpointManager":
+        """The manager a `CheckpointConfig` (the `--run-dir`, `--keep-*`, `--local-cache` ... flags) describes.
+
+        `writers`: rank0 or all (the trainer resolves --checkpoint-writers against the parallelism);
+        `overrides`: any other constructor argument (on_commit, max_consecutive_failures).
+        """
+        return cls(config.run_dir, config.keep_last, config.async_checkpoint, config.storage_options,
+                   keep_best=config.keep_best, keep_every=config.keep_every, verify=config.verify, env=env,
+                   strict_fencing=config.strict_fencing, local_cache=config.local_cache,
+                   local_cache_keep=config.local_cache_keep,
+                   writers=writers or config.checkpoint_writers or "rank0", **overrides)
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -168,121 +181,15 @@ class CheckpointManager:
         return self._choose(source, check)
 
     def _choose(self, source: str, check: Check | None) -> Payload | None:
-        """Rank 0 proposes candidates newest first; every rank reads and verifies; all agree (collective)."""
-        env = self.env
-        error, located = None, None
-        if env.is_rank0:
-            try:
-                located = self._locate(source)
-            except UserError as exc:
-                error = str(exc)
-        env.agree(error)
-        skipped: list[str] = []
-
-        def on_skip(verdict) -> None:  # a named checkpoint gets one error line with the reason, no warning
-            skipped.append(verdict.reason or "invalid")
-            if not located.explicit:
-                resolver.log_skip(verdict)
-
-        pending = resolver.candidates(located, "size", on_skip) if located is not None else iter(())
-        while True:
-            candidate, error = None, None
-            if env.is_rank0:
-                try:
-                    verdict = next(pending, None)
-                    if verdict is not None:
-                        candidate = (verdict.url, verdict.manifest)
-                        reason = check(verdict.manifest) if check else None
-                        if reason:
-                            error = f"cannot resume from {verdict.url}: {reason}"
-                    elif located is not None and located.explicit:
-                        reason = f": {skipped[-1]}" if skipped else ""
-                        error = f"--resume {located.display_url} is not a valid checkpoint{reason}"
-                except Exception as exc:  # noqa: BLE001 - storage trouble during discovery is the user's to fix
-                    error = f"cannot search {located.display_url} for checkpoints: {describe_error(exc)}"
-            env.agree(error)
-            candidate = env.broadcast_object(candidate)
-            if candidate is None:
-                if source not in ("auto", "never"):
-                    raise UserError(f"--resume {source}: no valid checkpoint there")
-                return None
-            url, manifest = candidate
-            problem, payload = None, None
-            try:
-                payload = None if self._resharding(manifest) else self._read_cached(url, manifest)
-                if payload is None:
-                    payload = self._read(Storage(url, self.options), manifest)
-            except CorruptCheckpoint as exc:
-                problem = str(exc)
-            except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
-                problem = f"unreadable ({describe_error(exc)})"
-            problems = [p for p in env.all_gather_objects(problem) if p]
-            if not problems:
-                log.info("resuming from %s (step %d, epoch %d)", url, manifest["step"], manifest["epoch"])
-                self.resumed_url = url
-                return payload
-            if located is not None and located.explicit or source not in ("auto", "never"):
-                env.agree(f"--resume {url} is not a valid checkpoint: {problems[0]}")
-            if env.is_rank0:
-                resolver.log_skip(catalog.Verdict(catalog.CheckpointRef(0, 0, url), url, False, problems[0]))
+        return restore.choose(self, source, check)
 
     def _load_resharded(self, state: dict[str, Any], payload: Payload) -> tuple[str, ...]:
-        """Model (and optimizer) through DCP's planner: any saved world size or layout into this one."""
-        from dist_train.checkpoint.dcp import load_state
-
-        optimizer = state.get("optimizer")
-        load_state(self.env, payload.folder, payload.manifest, unwrap(state["model"]), optimizer, verify_sha=False)
-        return ("model", "optimizer") if optimizer is not None else ("model",)
+        return restore.load_resharded(self, state, payload)
 
     def _resharding(self, manifest: dict[str, Any]) -> bool:
         """Model and optimizer go through DCP's planner (resharded): a sharded checkpoint, or an FSDP model."""
         from dist_train.checkpoint.sharded import is_sharded
         return is_sharded(manifest) or self._fsdp_target
-
-    def _read(self, folder: Storage, manifest: dict[str, Any]) -> Payload:
-        """This rank's reading of a candidate: whole entries, and (resharding) its share of the shards' hashes."""
-        if not self._resharding(manifest):
-            return read_payload(folder, manifest, verify_sha=self.verify == "sha256")
-        from dist_train.checkpoint.dcp import files_to_load
-        from dist_train.checkpoint.index import verify_share
-
-        if self.verify == "sha256":
-            problem = verify_share(folder, manifest, self.env.rank, self.env.world_size, files_to_load(manifest))
-            if problem:
-                raise CorruptCheckpoint(problem)
-        payload = read_payload(folder, manifest, verify_sha=self.verify == "sha256", skip=("model", "optimizer"))
-        payload.folder = folder
-        return payload
-
-    def _read_cached(self, url: str, manifest: dict[str, Any]) -> Payload | None:
-        """This node's cached copy of the chosen checkpoint, verified while read; None: read the run dir."""
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        folder = self.cache.lookup(name, manifest) if self.cache is not None else None
-        if folder is None:
-            return None
-        try:
-            payload = read_payload(folder, manifest, verify_sha=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged cache is ignored, never trusted
-            log.warning("local cache: ignored %s (%s); reading the run dir", name, describe_error(exc))
-            self.cache.discard(name)
-            return None
-        log.info("resuming from the local cache %s (same manifest as %s)", folder.display_url, url)
-        self.restored_from_cache = True
-        return payload
-
-    def _locate(self, source: str) -> resolver.Located | None:
-        if source in ("auto", "never"):
-            refs = catalog.newest_first(catalog.list_checkpoints(self.storage))
-            if source == "never":
-                committed = [r for r in refs if self.storage.exists(f"{r.name}/{mf.MANIFEST}")]
-                if committed:
-                    raise UserError(
-                        f"run dir {self.storage.display_url} already holds {len(committed)} checkpoint(s) "
-                        f"(newest {committed[0].name}); --resume never would start over beside them. "
-                        "Use --resume auto to continue, or a new --run-dir")
-                return None
-            return resolver.Located(self.storage, refs, explicit=False)
-        return resolver.locate(source, self.options, what="--resume")
 
     def _restore_rng(self, states: list[dict[str, Any]] | None) -> bool:
         """This rank's saved RNG state when the world size is unchanged; False when there is none."""
@@ -369,6 +276,12 @@ class CheckpointManager:
                 out["metrics"] = dict(metrics)
             return out
 
+        if self._saver.last_step == step:  # one checkpoint a step: the first save's reason stays in its manifest
+            if self.env.is_rank0:
+                log.info("save(step %d, reason %r) writes nothing: step %d was saved already (%s)", step, reason,
+                         step, f"reason {self._saved_reason!r}" if self._saved_reason else "the checkpoint resumed from")
+            return
+        self._saved_reason = reason
         self._saver.save(step, snapshot, reason)
 
     def _sharded_snapshot(self, step: int, state: Mapping[str, Any], rng_states: Any, copy: bool,

@@ -1,20 +1,22 @@
 """The manifest that commits a checkpoint, and the checks that make it trustworthy.
 
 A checkpoint folder is a checkpoint only when `manifest.json` parses and every file
-it lists exists with the listed size and sha256. `model_digest` fingerprints the
+it lists exists with the listed size and sha256 (and, in entries written since chunked
+verification, its 4 MiB chunks' sha256s: digest.py). `model_digest` fingerprints the
 weights themselves (not the file bytes) so two runs can be compared directly.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import posixpath
 import re
 from typing import Any, Mapping
 
 import torch
+
+from dist_train.checkpoint import digest as _digest
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -33,26 +35,13 @@ def utc_now() -> str:
 
 
 def model_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the tensors sorted by key: key, dtype, shape and raw bytes of each.
-
-    Each field is NUL-separated: `key \\0 dtype \\0 shape-as-json \\0 bytes`. The dtype is
-    torch's name (`torch.float32`), the shape a JSON list, the bytes C-contiguous, little-endian.
-    """
-    from dist_train.checkpoint.serialization import _raw_bytes
-
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach()
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            tensor = tensor.to("cpu").contiguous()
-        digest.update(digest_prefix(key, tensor.dtype, tensor.shape))
-        digest.update(_raw_bytes(tensor))
-    return digest.hexdigest()
+    """sha256 over the tensors sorted by key: key, dtype, shape and raw bytes of each (see digest.py)."""
+    return _digest.model_digest(state_dict)
 
 
 def digest_prefix(key: str, dtype: torch.dtype, shape) -> bytes:
     """What `model_digest` hashes before a tensor's bytes (also used to digest a sharded model streamed)."""
-    return key.encode() + b"\0" + str(dtype).encode() + b"\0" + json.dumps(list(shape)).encode() + b"\0"
+    return _digest.digest_prefix(key, dtype, shape)
 
 
 def safe_relative_name(name: Any) -> bool:
@@ -101,4 +90,7 @@ def parse(data: bytes) -> dict[str, Any]:
             raise ManifestError(f"manifest size of {name} is absurd or missing")
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise ManifestError(f"manifest sha256 of {name} is malformed")
+        problem = _digest.check_entry(name, entry)
+        if problem:
+            raise ManifestError(problem)
     return manifest

@@ -1,7 +1,8 @@
 """Reading checkpoint files back fast, with every byte checked against the manifest.
 
-The manifest's sha256 of each file is the contract, so every byte is still hashed; what
-this module saves is everything around it. Per file: the safetensors header is read and
+Every byte is hashed against the manifest: the file's chunk digests, verified on several
+threads as the ranges land (digest.py), or, for a manifest written before chunking, the
+whole-file sha256 on the file's own thread. What this module also saves is everything around it. Per file: the safetensors header is read and
 parsed first (strictly, `serialization.parse_layout`), each tensor is allocated once,
 and the rest of the file is read in ranges straight into the tensors' memory (pread on
 local disk, ranged GETs through `Storage.read_range` elsewhere), several ranges in
@@ -22,7 +23,6 @@ dtype and device instead of copying them).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
+from dist_train.checkpoint.digest import CorruptCheckpoint, Verifier
 from dist_train.checkpoint.serialization import FormatError, Layout, TensorSink, header_size, parse_layout, tree_from
 from dist_train.checkpoint.storage import Storage
 
@@ -39,10 +40,6 @@ LOCAL_CONCURRENCY = 2  # ranges in flight per file: the one being hashed and one
 REMOTE_CONCURRENCY = 8  # like the multipart upload's parts in flight
 HEADER_PROBE = 256 * 2**10  # first read of a file: the whole header, usually
 _IOV_MAX = 1024
-
-
-class CorruptCheckpoint(Exception):
-    """A listed file is missing, of the wrong size, fails its sha256, or does not parse."""
 
 
 @dataclass
@@ -138,12 +135,28 @@ class _RemoteSource(_Source):
         return data
 
 
+class _BytesSource(_Source):
+    """A file already in memory (received from the rank that read and verified it)."""
+
+    range_size = 64 * 2**20
+
+    def __init__(self, name: str, data: Any):
+        self.name, self.data = name, memoryview(data).cast("B")
+        self.size = len(self.data)
+
+    def read(self, start: int, end: int) -> bytes:
+        return bytes(self.data[start:end])
+
+    def read_into(self, start: int, views: list[memoryview]) -> None:
+        for view in views:
+            view[:] = self.data[start:start + len(view)]
+            start += len(view)
+
+
 def _open(folder: Storage, name: str) -> _Source:
-    try:
-        path = folder.local_path(name)
-    except (NotImplementedError, AssertionError):
+    if not folder.is_local:
         return _RemoteSource(folder, name)
-    return _LocalSource(path, name)
+    return _LocalSource(folder.local_path(name), name)
 
 
 # -- reading one file ------------------------------------------------------------------------------
@@ -193,15 +206,16 @@ class _Reader:
                     future.cancel()
             cf.wait([f for _, _, f in pending if f is not None])
 
-    def load(self, folder: Storage, entry: dict[str, Any] | None, name: str, verify_sha: bool,
-             tree: bool) -> LoadedFile:
+    def load(self, folder: Storage | None, entry: dict[str, Any] | None, name: str, verify_sha: bool,
+             tree: bool, source: _Source | None = None) -> LoadedFile:
         if entry is None:
             raise CorruptCheckpoint(f"manifest does not list {name}")
-        source = _open(folder, name)
+        source = source or _open(folder, name)
+        digest: Verifier | None = None
         try:
             if source.size != entry["size"]:
                 raise CorruptCheckpoint(f"file {name} is {source.size} bytes, manifest says {entry['size']}")
-            digest = hashlib.sha256() if verify_sha else None
+            digest = Verifier(name, entry) if verify_sha else None
             try:
                 probe = max(8, min(HEADER_PROBE, self.range_size or source.range_size))
                 prefix = source.read(0, min(source.size, probe))
@@ -223,16 +237,17 @@ class _Reader:
             except FormatError as exc:
                 raise CorruptCheckpoint(str(exc)) from None
         finally:
+            if digest is not None:
+                digest.cancel()
             source.close()
 
     def _malformed(self, source: _Source, entry: dict[str, Any], digest: Any | None,
                    error: FormatError) -> CorruptCheckpoint:
         """A header that does not parse: damaged (sha256 says so) or malformed as written."""
         if digest is not None:
-            scratch = bytearray(max(1, min(source.size, self.range_size or source.range_size)))
-            whole = memoryview(scratch)
-            for begin in range(0, source.size, len(scratch)):  # rare path: one range at a time, one buffer
-                view = whole[:min(len(scratch), source.size - begin)]
+            step = max(1, min(source.size, self.range_size or source.range_size))
+            for begin in range(0, source.size, step):  # rare path: one range at a time
+                view = memoryview(bytearray(min(step, source.size - begin)))  # its own: chunks hash later
                 source.read_into(begin, [view])
                 digest.update(view)
             _check_sha(source, entry, digest)
@@ -247,9 +262,10 @@ def _scatter(prefix: bytes, layout: Layout, sink: TensorSink) -> None:
         position += len(view)
 
 
-def _check_sha(source: _Source, entry: dict[str, Any], digest: Any | None) -> None:
-    if digest is not None and digest.hexdigest() != entry["sha256"]:
-        raise CorruptCheckpoint(f"file {source.name} does not match its sha256 (corrupted)")
+def _check_sha(source: _Source, entry: dict[str, Any], digest: Verifier | None) -> None:
+    """Every chunk digest (several threads) or the whole-file sha256 of an older manifest; see digest.py."""
+    if digest is not None:
+        digest.check()
 
 
 # -- the entry points ------------------------------------------------------------------------------
@@ -257,11 +273,13 @@ def _check_sha(source: _Source, entry: dict[str, Any], digest: Any | None) -> No
 def _concurrency(folder: Storage, concurrency: int | None) -> int:
     if concurrency is not None:
         return max(1, concurrency)
-    try:
-        folder.local_path()
-    except (NotImplementedError, AssertionError):
-        return REMOTE_CONCURRENCY
-    return LOCAL_CONCURRENCY
+    return LOCAL_CONCURRENCY if folder.is_local else REMOTE_CONCURRENCY
+
+
+def parse_file(entry: dict[str, Any] | None, name: str, data: Any, tree: bool) -> LoadedFile:
+    """A file whose bytes were read and verified elsewhere, parsed exactly as `read_files` parses it."""
+    return _Reader(None, 1, None).load(None, entry, name, False, tree,  # type: ignore[arg-type]
+                                       source=_BytesSource(name, data))
 
 
 def read_files(folder: Storage, manifest: dict[str, Any], names: Sequence[str], verify_sha: bool = True,
@@ -304,16 +322,19 @@ def read_bytes(folder: Storage, manifest: dict[str, Any], name: str, verify_sha:
     if entry is None:
         raise CorruptCheckpoint(f"manifest does not list {name}")
     source = _open(folder, name)
+    digest: Verifier | None = None
     try:
         if source.size != entry["size"]:
             raise CorruptCheckpoint(f"file {name} is {source.size} bytes, manifest says {entry['size']}")
         data = bytearray(source.size)
         whole = memoryview(data)
-        digest = hashlib.sha256() if verify_sha else None
+        digest = Verifier(name, entry) if verify_sha else None
         per_file = _concurrency(folder, concurrency)
         with cf.ThreadPoolExecutor(per_file, thread_name_prefix="ckpt-read") as pool:
             _Reader(pool, per_file, range_size).fill(source, 0, lambda begin, end: [whole[begin:end]], digest)
         _check_sha(source, entry, digest)
         return data
     finally:
+        if digest is not None:
+            digest.cancel()
         source.close()

@@ -11,7 +11,7 @@ listing. Each skipped checkpoint is reported once with its reason.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 from dist_train.checkpoint import catalog
@@ -37,6 +37,7 @@ class Located:
     storage: Storage
     refs: list[CheckpointRef]  # newest first
     explicit: bool             # a checkpoint folder was named: it is the only candidate
+    marks: dict[str, str] | None = field(default=None)  # checkpoints marked corrupt (None: look each up)
 
     @property
     def display_url(self) -> str:
@@ -70,11 +71,15 @@ def locate(url: str, options: dict | None = None, what: str = "checkpoint") -> L
         raise
     except Exception as exc:  # noqa: BLE001 - unreachable store, bad endpoint, no access
         raise UserError(f"cannot read {what} {target.display_url}: {describe_error(exc)}") from None
-    return Located(target, refs, explicit=False)
+    try:
+        marks = catalog.corrupt_marks(target)
+    except Exception as exc:  # noqa: BLE001 - same store as the listing that just worked: report it the same way
+        raise UserError(f"cannot read {what} {target.display_url}: {describe_error(exc)}") from None
+    return Located(target, refs, explicit=False, marks=marks)
 
 
 def check(located: Located, ref: CheckpointRef, level: str) -> Verdict:
-    verdict = catalog.inspect(located.storage, ref, level)
+    verdict = catalog.inspect(located.storage, ref, level, located.marks)
     if ref.step == -1 and verdict.reason and verdict.reason.startswith("manifest step"):
         verdict.valid, verdict.reason = True, None  # a renamed checkpoint folder is still a checkpoint
     return verdict
@@ -88,6 +93,22 @@ def candidates(located: Located, level: str = "size", on_skip: Report = log_skip
             yield verdict
         else:
             on_skip(verdict)
+
+
+def mark_corrupt(located: Located | None, url: str, reason: str) -> None:
+    """Rank 0 at resume: a run-dir checkpoint whose bytes failed their digests is marked (catalog.py),
+    so retention and `ckpt list/prune` know it is not history. Best effort: a failure is logged."""
+    if located is None or located.explicit:
+        return
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if catalog.parse_name(name) is None:
+        return
+    try:
+        catalog.mark_corrupt(located.storage, name, reason)
+        if located.marks is not None:
+            located.marks[name] = reason
+    except Exception as exc:  # noqa: BLE001 - the mark only saves work later; never stops a resume
+        log.warning("could not mark %s as corrupt: %s", url, describe_error(exc))
 
 
 def newest_valid(url: str, options: dict | None, read: Callable[[Verdict], T], level: str = "size",

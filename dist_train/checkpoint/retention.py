@@ -8,15 +8,20 @@ multiples of M plus the newest. No rule at all keeps everything.
 Old checkpoints go only after a newer one is committed; the newest valid one is
 never deleted; a deletion removes the manifest first, so a half-deleted folder is
 never mistaken for a checkpoint.
+
+A checkpoint marked corrupt (its bytes failed their digests at a resume: catalog.py) is
+not history: it is never counted among the kept, and it is deleted first, as soon as
+any valid checkpoint is committed.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint import catalog
 from dist_train.checkpoint.catalog import CheckpointRef
 from dist_train.checkpoint.storage import Storage
 
@@ -35,10 +40,18 @@ class RetentionPolicy:
 
 
 def plan(committed: list[CheckpointRef], policy: RetentionPolicy,
-         val_loss: Callable[[CheckpointRef], float | None]) -> list[CheckpointRef]:
-    """The committed checkpoints to delete (oldest first). `committed` is oldest first."""
+         val_loss: Callable[[CheckpointRef], float | None],
+         corrupt: Iterable[CheckpointRef] = ()) -> list[CheckpointRef]:
+    """The checkpoints to delete: the `corrupt` ones first, then the committed ones the policy drops
+    (oldest first). `committed` (oldest first) must not include the corrupt ones."""
+    corrupt = sorted(set(corrupt) - set(committed))
     if not policy.active or not committed:
         return []
+    return corrupt + _plan(committed, policy, val_loss)
+
+
+def _plan(committed: list[CheckpointRef], policy: RetentionPolicy,
+          val_loss: Callable[[CheckpointRef], float | None]) -> list[CheckpointRef]:
     ordered = sorted(committed)
     keep = {ordered[-1]}
     if policy.keep_last:
@@ -62,6 +75,7 @@ def delete_checkpoint(storage: Storage, ref: CheckpointRef) -> None:
         else:
             folder.delete(entry.name)
     storage.delete_tree(ref.name)
+    catalog.unmark(storage, ref.name)
 
 
 def val_loss_of(manifest: dict[str, Any] | None) -> float | None:

@@ -187,8 +187,10 @@ class Checkpointer:
         if not self.policy.active:
             return
         try:
-            committed = [ref for ref in catalog.list_checkpoints(self.storage) if self._is_committed(ref)]
-            for ref in plan(committed, self.policy, self._val_loss):
+            refs = catalog.list_checkpoints(self.storage)
+            marked = catalog.corrupt_marks(self.storage)  # found corrupt at resume: not history, deleted first
+            committed = [ref for ref in refs if ref.name not in marked and self._is_committed(ref)]
+            for ref in plan(committed, self.policy, self._val_loss, [r for r in refs if r.name in marked]):
                 if self.writer and self.writer.registry:
                     self.writer.registry.check_current(self.writer.generation)
                 delete_checkpoint(self.storage, ref)

@@ -39,7 +39,6 @@ goes on (the training thread must not change the snapshot's tensors meanwhile: t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -49,7 +48,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from dist_train.checkpoint.manifest import digest_prefix
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.digest import ModelDigest
 from dist_train.checkpoint.serialization import TensorFile, _raw_bytes, flatten, tensor_file
 from dist_train.checkpoint.writer import CheckpointWriter, Committed
 from dist_train.distributed.env import DistEnv
@@ -415,6 +415,15 @@ class ShardedSaver:
             except Exception as exc:  # noqa: BLE001 - raised on rank 0 below, reported to the others
                 finish_error = exc
                 outcome = str(exc)
+        if env.is_rank0 and isinstance(outcome, Committed):
+            # The manifest is written: the checkpoint is committed whatever happens next. A peer that
+            # died right after the commit must not turn it into a logged failure on rank 0.
+            try:
+                self._broadcast(outcome)
+            except Exception as exc:  # noqa: BLE001 - the peers' side of the collective is gone
+                log.warning("committed step %d, but could not tell every rank (%s): a peer has stopped",
+                            snap.step, describe_error(exc))
+            return outcome
         outcome = self._broadcast(outcome)
         if finish_error is not None:
             raise finish_error
@@ -433,7 +442,7 @@ class ShardedSaver:
             return None
         own = {(p.key, p.offsets): p.tensor for p in snap.sent_pieces()}
         own.update({(key, (0,) * tensor.dim()): tensor for key, tensor in snap.model_replicas.items()})
-        digest = hashlib.sha256()
+        digest = ModelDigest()  # the one definition of model_digest (digest.py), streamed
         failure: Exception | None = None  # after a failure, keep receiving: the senders must not hang
         for key in sorted(tensors or {}):
             info = tensors[key]
@@ -441,7 +450,7 @@ class ShardedSaver:
             rows = _tiles_rows(chunks, shape)
             full = None if rows else torch.empty(shape, dtype=dtype)
             if failure is None:
-                digest.update(digest_prefix(key, dtype, shape))
+                digest.begin(key, dtype, shape)
             for offsets, sizes, rank in chunks:
                 piece = self._piece(own, key, offsets, sizes, dtype, rank)
                 if failure is not None:

@@ -256,6 +256,15 @@ class Storage:
     def local_path(self, rel: str = "") -> str:
         raise NotImplementedError(f"{self.display_url} is not on local disk")
 
+    @property
+    def is_local(self) -> bool:
+        """Files on this machine's disk (pread, page cache); False for object stores and remote filesystems.
+
+        A capability the readers ask instead of catching `local_path`'s NotImplementedError: a
+        restore splits its reads between ranks only where every byte costs a network fetch.
+        """
+        return False
+
     # -- writing ------------------------------------------------------------------------
 
     def makedirs(self, rel: str = "") -> None:
@@ -418,6 +427,10 @@ class LocalStorage(Storage):
 
     def local_path(self, rel: str = "") -> str:
         return self.path(rel)
+
+    @property
+    def is_local(self) -> bool:
+        return True
 
     def makedirs(self, rel: str = "") -> None:
         self._call("makedirs", rel, lambda: os.makedirs(self.path(rel), exist_ok=True), mutating=True)

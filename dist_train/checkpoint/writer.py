@@ -12,7 +12,6 @@ ours only when its writer id is ours; anything else is a conflict.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.catalog import STAGING_PREFIX, checkpoint_name
+from dist_train.checkpoint.digest import file_entry
 from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.serialization import TensorFile
@@ -70,12 +70,10 @@ HASH_THREADS = 4
 UPLOAD_FILES = 3  # files uploaded side by side to an object store (their parts share one concurrency limit)
 
 
-def _sha256(content: TensorFile | bytes) -> str:
-    """The file's sha256, read straight from the memory the writer writes from (no second copy)."""
-    digest = hashlib.sha256()
-    for chunk in _payload(content)[1]:
-        digest.update(chunk)
-    return digest.hexdigest()
+def _file_entry(content: TensorFile | bytes) -> dict[str, Any]:
+    """The file's manifest entry (size, sha256, chunk digests: digest.py), hashed straight from the
+    memory the writer writes from (no second copy)."""
+    return file_entry(_payload(content)[1])
 
 
 class CheckpointWriter:
@@ -90,12 +88,11 @@ class CheckpointWriter:
     def _write_files(self, folder: str, files: dict[str, TensorFile | bytes]) -> dict[str, Any]:
         """Write the files (as the backend writes best: in turn on disk, side by side to a store)
         while their sha256s are computed beside them."""
-        hashes = {rel: self._hash_pool.submit(_sha256, content) for rel, content in files.items()}
+        hashes = {rel: self._hash_pool.submit(_file_entry, content) for rel, content in files.items()}
         try:
             self.storage.write_many({f"{folder}/{rel}": _payload(content) for rel, content in files.items()},
                                     self._upload_pool)
-            return {rel: {"size": _payload(content)[0], "sha256": hashes[rel].result()}
-                    for rel, content in files.items()}
+            return {rel: hashes[rel].result() for rel in files}
         finally:
             for future in hashes.values():
                 future.cancel()

@@ -22,7 +22,8 @@ def register(commands) -> None:
                         help="small sizes (200 MB state, cnn): about 3 minutes on an idle 2-core machine")
     parser.add_argument("--json", metavar="FILE", help="write the figures and their raw numbers as JSON")
     parser.add_argument("--only", metavar="FAMILIES",
-                        help="comma-separated subset of: io, load, restart, s3, training, resume (default: all)")
+                        help="comma-separated subset of: io, load, restart, s3, training, resume (default: all); "
+                        "sharded, goodput and data (packed data from S3) run only when named")
     parser.add_argument("--repeats", type=int, metavar="N", help="repetitions of each A/B pair (default with "
                         "--quick: 3, and 5 for local checkpoint I/O; without: 5 and 7)")
     parser.add_argument("--size-mb", type=int, metavar="MB", help="training-state size of the I/O benchmarks "

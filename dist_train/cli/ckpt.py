@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from dist_train.checkpoint import catalog
-from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint import catalog, resolver
 from dist_train.checkpoint.retention import RetentionPolicy, delete_checkpoint, plan, val_loss_of
 from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.storage import Storage
@@ -160,15 +159,12 @@ def _recorded_best(verdict: catalog.Verdict) -> tuple[float, int | None] | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Every digest of the checkpoint (or of each one in a run dir), checked by the one resolver's rules."""
     target = Storage(args.target, _options(args))
     target.check_reachable()
-    if target.exists(mf.MANIFEST) or catalog.parse_name(target.url().rstrip("/").rsplit("/", 1)[-1]):
-        parent_url, name = target.url().rstrip("/").rsplit("/", 1)
-        parent = Storage(parent_url, _options(args))
-        ref = catalog.parse_name(name) or catalog.CheckpointRef(0, -1, name)
-        verdicts = [catalog.inspect(parent, ref, "sha256")]
-        if ref.step == -1 and verdicts[0].reason and verdicts[0].reason.startswith("manifest step"):
-            verdicts[0] = catalog.Verdict(ref, verdicts[0].url, True, None, verdicts[0].manifest, verdicts[0].size)
+    if resolver.is_checkpoint_url(target):
+        located = resolver.locate(args.target, _options(args))
+        verdicts = [resolver.check(located, located.refs[0], "sha256")]
     else:
         storage = _run_dir(args)
         verdicts = catalog.scan(storage, "sha256")
@@ -196,18 +192,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if newest_valid is None:
         print(f"no valid checkpoint in {storage.display_url}; nothing pruned", file=sys.stderr)
         return 1
+    marks = catalog.corrupt_marks(storage)
     verdicts = {v.ref: v for v in catalog.scan(storage, "size")}
     committed = [ref for ref, v in verdicts.items() if v.valid]
+    corrupt = [ref for ref in verdicts if ref.name in marks]  # found corrupt at resume: removed first
     doomed = [ref for ref in plan(committed, RetentionPolicy(args.keep_last, args.keep_best, args.keep_every),
-                                  lambda ref: val_loss_of(verdicts[ref].manifest))
-              if ref != newest_valid.ref and ref < newest_valid.ref]
+                                  lambda ref: val_loss_of(verdicts[ref].manifest), corrupt)
+              if ref != newest_valid.ref and (ref < newest_valid.ref or ref in corrupt)]
     for ref in doomed:
         if args.dry_run:
             print(f"would delete {storage.url(ref.name)}")
         else:
             delete_checkpoint(storage, ref)
             print(f"deleted {storage.url(ref.name)}")
-    kept = len(committed) - len(doomed)
+    kept = len(committed) - len([ref for ref in doomed if ref not in corrupt])
     print(f"{'would keep' if args.dry_run else 'kept'} {kept} checkpoint(s); newest valid: {newest_valid.url}")
     return 0
 

@@ -20,19 +20,56 @@ import sys
 from dist_train.cli.parsing import Parser, subparsers
 from dist_train.errors import EXIT_BAD_INPUT, LocalUserError, UserError, exit_now
 
-COMMANDS = ("train", "ckpt", "predict", "evaluate", "export", "report", "bench", "launch")
+COMMANDS = ("train", "ckpt", "predict", "evaluate", "export", "report", "bench", "launch", "data")
 # 128 + SIGPIPE: stdout was a pipe whose reader left.
 EXIT_BROKEN_PIPE = 141
 
 
-def build_parser() -> Parser:
-    from dist_train.cli import ckpt, infer, launch, report, train, bench
+# The module that registers each command, and the one-line help `dist-train --help` shows without
+# importing it (some import torch: seconds of start-up for every command). A unit test keeps the lines
+# equal to the modules' own.
+COMMAND_MODULES = {"train": "train", "ckpt": "ckpt", "predict": "infer", "evaluate": "infer", "export": "infer",
+                   "report": "report", "bench": "bench", "launch": "launch",
+                   "data": "data"}
+COMMAND_HELP = {
+    "train": "train a model (launch with torchrun for DDP)",
+    "ckpt": "list, verify and prune checkpoints",
+    "predict": "what the model predicts for your inputs (or validation samples)",
+    "evaluate": "loss, accuracy, per-class accuracy and confusion matrix",
+    "export": "the model's weights (.safetensors/.pt) or a TorchScript, ONNX or torch.export graph, for deployment",
+    "report": "curves and attempt timeline (PNG), summary and goodput of a run",
+    "bench": "benchmark against plain baselines (ratios, side by side)",
+    "launch": "torchrun for `train` or your script: exit 2 bad input, 75 preempted",
+    "data": "pack a data set into tar shards and a data manifest (local, file://, s3://)",
+}
+
+
+def build_parser(command: str | None = None) -> Parser:
+    """The whole CLI; with `command`, only that command's module is imported (the others are named
+    with their help line), so `dist-train --help` and `dist-train train --help` never import torch."""
+    import importlib
 
     parser = Parser(prog="dist-train", description="Distributed PyTorch training with atomic checkpoints.")
     commands = subparsers(parser, "command")
-    for module in (train, ckpt, infer, report, bench, launch):
-        module.register(commands)
+    wanted = list(dict.fromkeys(COMMAND_MODULES.values())) if command is None else \
+        [COMMAND_MODULES[command]] if command in COMMAND_MODULES else []
+    registered: set[str] = set()
+    for name in COMMAND_MODULES:
+        module = COMMAND_MODULES[name]
+        if module in wanted and module not in registered:
+            registered.add(module)
+            importlib.import_module(f"dist_train.cli.{module}").register(commands)
+        elif module not in wanted:
+            commands.add_parser(name, help=COMMAND_HELP[name])
     return parser
+
+
+def _chosen_command(argv: list[str]) -> str:
+    """The sub-command named on the command line ("" for none: `--help`, or a typo argparse reports)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return ""
 
 
 def _is_rank0() -> bool:
@@ -41,7 +78,7 @@ def _is_rank0() -> bool:
 
 def _command(argv: list[str]) -> int:
     try:
-        parser = build_parser()
+        parser = build_parser(_chosen_command(argv))
         args = parser.parse_args(argv)
         return int(args.handler(args) or 0)
     except UserError as exc:

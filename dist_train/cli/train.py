@@ -1,10 +1,15 @@
-"""`dist-train train`: one training job (under torchrun: one rank of it)."""
+"""`dist-train train`: one training job (under torchrun: one rank of it).
+
+The flags are parsed here; the job runs through `dist_train.api.run_job`, the same function a
+user's script reaches through `dist_train.train(...)`: one entry path, so the CLI and the
+Python API cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from dist_train.config.job import JobConfig, add_config_arguments, dump_yaml, resolve
+from dist_train.config.job import add_config_arguments
 
 
 def register(commands) -> None:
@@ -15,22 +20,7 @@ def register(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def load_config(args: argparse.Namespace) -> JobConfig:
-    from dist_train.checkpoint.storage import check_url_scheme
-
-    cfg = resolve(args)
-    check_url_scheme(cfg.checkpoint.run_dir)
-    return cfg
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    from dist_train.distributed.env import configure_logging, distributed
-    from dist_train.training.job import run_training
+    from dist_train.api import run_job
 
-    with distributed(cfg.train.device) as env:
-        configure_logging(env)
-        return run_training(cfg, env)
+    return run_job(args)

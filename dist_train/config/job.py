@@ -191,8 +191,8 @@ def _check_combinations(config: JobConfig) -> None:
         if model.model not in BACKBONES:
             raise UserError(f"--freeze-backbone needs a torchvision backbone ({', '.join(BACKBONES)}) or your own "
                             f"factory taking freeze_backbone, got model {model.model}")
-    if model.pretrained_weights is not None and not os.path.isfile(model.pretrained_weights) \
-            and not os.path.isdir(model.pretrained_weights):
+    if model.pretrained_weights is not None and "://" not in model.pretrained_weights \
+            and not os.path.isfile(model.pretrained_weights) and not os.path.isdir(model.pretrained_weights):
         raise UserError(f"pretrained weights not found: {model.pretrained_weights}")
     if config.train.sample_log and "://" in config.train.sample_log:
         raise UserError("invalid sample_log (--sample-log): must be a local folder")

@@ -39,8 +39,10 @@ def build_datasets(cfg: DataConfig, seed: int, factory: Callable | None = None) 
 
 
 def _split(factory: Callable, path: str, split: str, args: dict[str, Any], required: bool) -> Dataset | None:
+    from dist_train.data import iterable
     try:
-        dataset = factory(split, **args)
+        extra = iterable.rank_kwargs(factory) if split == "train" else {}  # per-rank streams (data/iterable.py)
+        dataset = factory(split, **args, **extra)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's code: one line naming it
@@ -51,6 +53,11 @@ def _split(factory: Callable, path: str, split: str, args: dict[str, Any], requi
         if required:
             raise UserError(f"data set {path} returned None for split {split!r}")
         return None
+    if iterable.is_iterable(dataset):  # the user's own stream: trained as it comes (data/iterable.py)
+        if split == "train":
+            iterable.check_train(dataset, path)
+            return dataset
+        dataset = iterable.Materialized(dataset, path, split)
     for method in ("__len__", "__getitem__"):
         if not hasattr(dataset, method):
             raise UserError(f"data set {path} (split {split!r}) is a {type(dataset).__name__} without {method}: "
@@ -76,7 +83,7 @@ def bundle_from_factory(factory: Callable, path: str, args: dict[str, Any]) -> D
     train = _split(factory, path, "train", args, required=True)
     val = _split(factory, path, "val", args, required=True)
     test = _split(factory, path, "test", args, required=False)
-    classes = getattr(train, "classes", None)
+    classes = getattr(train, "classes", None) or getattr(train, "vocab", None)  # a vocab names token ids (predict)
     class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None
     num_classes = getattr(train, "num_classes", None) or (len(class_names) if class_names else None)
     return DataBundle(train, val, test, num_classes, getattr(train, "in_channels", None),

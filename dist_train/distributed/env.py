@@ -120,6 +120,9 @@ def torchrun_launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_AGENT_WATCHED = False
+
+
 def stop_with_agent(poll_s: float = 0.5) -> None:
     """A worker whose torchrun agent died stops as if preempted (SIGTERM to itself).
 
@@ -134,8 +137,10 @@ def stop_with_agent(poll_s: float = 0.5) -> None:
     watch their parent the same way. Only under torch's elastic agent (`TORCHELASTIC_RUN_ID`):
     workers started by hand with RANK/WORLD_SIZE may legitimately outlive a launching shell.
     """
-    if not torchrun_launched() or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
+    global _AGENT_WATCHED
+    if not torchrun_launched() or "TORCHELASTIC_RUN_ID" not in os.environ or _AGENT_WATCHED:
+        return  # one watch a process (the CLI starts it, and every CheckpointManager asks for it)
+    _AGENT_WATCHED = True
     import signal
     import threading
     import time

@@ -26,7 +26,6 @@ equal to the DDP digest of the same weights, one tensor at a time).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Iterable, Iterator, Literal
 
 import torch
@@ -186,13 +185,11 @@ def model_digest(model: nn.Module) -> str:
     to `dist_train.checkpoint.manifest.model_digest(unwrapped.state_dict())` under DDP or a
     single process, for the same weights.
     """
-    from dist_train.checkpoint.manifest import digest_prefix
-    from dist_train.checkpoint.serialization import _raw_bytes
+    from dist_train.checkpoint.digest import ModelDigest
 
-    digest = hashlib.sha256()
+    digest = ModelDigest()  # the one definition (checkpoint/digest.py), fed tensor by tensor in key order
     for key, tensor in full_tensors(unwrap(model).state_dict()):
-        digest.update(digest_prefix(key, tensor.dtype, tensor.shape))
-        digest.update(_raw_bytes(tensor))
+        digest.tensor(key, tensor)
     return digest.hexdigest()
 
 

@@ -10,12 +10,16 @@ Formats (`--format`, or from the file name):
 - `torchscript` (`torch.jit.script`, or `torch.jit.trace` when scripting fails),
   `exported-program` (`torch.export`, saved with `torch.export.save`, conventionally `.pt2`),
   `onnx` (`torch.onnx.export`'s dynamo exporter; needs the `onnx` extra). The batch
-  dimension is dynamic; inputs are preprocessed float tensors (N, C, H, W), outputs logits.
+  dimension is dynamic (and a language model's sequence length); the example input comes
+  from the recorded image shape, `--input-shape`, or a validation sample. Inputs are
+  preprocessed float tensors, or int64 token ids for a language model; outputs follow the
+  task: logits for classes and next tokens, values for regression.
 
 Beside `OUT` go `OUT.json` (the `ModelSpec`, class names, digests, the preprocessing record,
-the input shape, provenance) and `OUT.README.md` (a runnable snippet that preprocesses an
-image and runs the file). Nothing is overwritten without `force`; every file is written
-under a temporary name and renamed into place, so a failure leaves no half-written export.
+the input shape, the task, provenance) and `OUT.README.md` (a runnable snippet for the task:
+an image's class, a regression's values, a language model's greedy continuation). Nothing is
+overwritten without `force`; every file is written under a temporary name and renamed into
+place, so a failure leaves no half-written export.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import dist_train
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.serialization import tensor_file
 from dist_train.errors import UserError, printable
+from dist_train.inference.export_readme import readme
 from dist_train.inference.loading import LoadedModel
 from dist_train.models.backbones import TransferModel
 
@@ -100,6 +105,51 @@ def input_shape(loaded: LoadedModel, preprocessing: dict[str, Any] | None) -> li
     return None
 
 
+def example_input(loaded: LoadedModel, preprocessing: dict[str, Any] | None, given_shape: list[int] | None,
+                  sample: Callable[[], torch.Tensor | None] | None) -> torch.Tensor:
+    """A batch of two inputs to trace the graph with (the batch dimension stays free).
+
+    Token ids (a language model) are int64, everything else float32.
+    """
+    dtype = torch.long if loaded.task.name == "language_model" else torch.float32
+    if given_shape is not None:
+        return torch.zeros(2, *given_shape[1:], dtype=dtype)
+    shape = input_shape(loaded, preprocessing)
+    if shape is not None:
+        return torch.zeros(2, *shape, dtype=dtype)
+    found = sample() if sample is not None else None
+    if found is None:
+        raise UserError(f"cannot export {loaded.spec.name} as a graph: its input shape is unknown (no image "
+                        "shape recorded, no validation sample to take it from); pass --input-shape, e.g. "
+                        "--input-shape 1,3,32,32 (batch first)")
+    found = found.detach().to("cpu")
+    return torch.zeros(2, *found.shape, dtype=found.dtype if not found.is_floating_point() else torch.float32)
+
+
+def _free_dims(example: torch.Tensor) -> dict[int, Any]:
+    """The batch dimension is free; for token ids (int64) the sequence length too, up to what the model allows."""
+    dims = [0, 1] if example.dtype == torch.long and example.dim() == 2 else [0]
+    return {d: torch.export.Dim.AUTO for d in dims}
+
+
+def output_name(loaded: LoadedModel) -> str:
+    return "logits" if loaded.task.has_classes or loaded.task.name == "language_model" else "outputs"
+
+
+def io_description(loaded: LoadedModel, example: torch.Tensor) -> dict[str, str]:
+    """What the graph takes and returns, in words, per task."""
+    dims = ", ".join(str(v) for v in example.shape[1:])
+    kind = "int64 token ids" if example.dtype == torch.long else "float32, preprocessed"
+    task = loaded.task
+    if task.name == "language_model":
+        output = "logits (N, T, vocabulary): the argmax of the last position is the next token"
+    elif task.has_classes:
+        output = "logits (N, num_classes); softmax gives probabilities"
+    else:
+        output = "the model's outputs (N, ...): the predicted values"
+    return {"input": f"{kind} (N, {dims}); N is free", "output": output}
+
+
 @contextlib.contextmanager
 def _quiet():
     """torch.jit's deprecation notices and torch.onnx's progress lines are not ours to print."""
@@ -108,7 +158,7 @@ def _quiet():
         yield
 
 
-def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: str, output: str) -> dict[str, Any]:
     with _quiet():
         try:
             compiled, how = torch.jit.script(model), "script"
@@ -118,7 +168,7 @@ def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: str) -> di
     return {"torchscript": how}
 
 
-def _exported_program(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+def _exported_program(model: torch.nn.Module, example: torch.Tensor, path: str, output: str) -> dict[str, Any]:
     program = _export(model, example)
     with _quiet():
         torch.export.save(program, path)
@@ -128,12 +178,12 @@ def _exported_program(model: torch.nn.Module, example: torch.Tensor, path: str) 
 def _export(model: torch.nn.Module, example: torch.Tensor):
     try:
         with _quiet():
-            return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            return torch.export.export(model, (example,), dynamic_shapes=(_free_dims(example),))
     except Exception as exc:  # noqa: BLE001 - a model torch.export cannot capture
         raise UserError(f"torch.export cannot capture this model: {printable(' '.join(str(exc).split()))}") from None
 
 
-def _onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str, Any]:
+def _onnx(model: torch.nn.Module, example: torch.Tensor, path: str, output: str) -> dict[str, Any]:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -142,14 +192,14 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> dict[str,
     try:
         with _quiet():
             torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, verbose=False,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim.AUTO},))
+                              input_names=["input"], output_names=[output],
+                              dynamic_shapes=(_free_dims(example),))
     except Exception as exc:  # noqa: BLE001 - an operator ONNX has no translation for
         raise UserError(f"ONNX export failed: {printable(' '.join(str(exc).split()))}") from None
-    return {"onnx": {"input": "input", "output": "logits"}}
+    return {"onnx": {"input": "input", "output": output}}
 
 
-GRAPH_WRITERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, str], dict[str, Any]]] = {
+GRAPH_WRITERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, str, str], dict[str, Any]]] = {
     "torchscript": _torchscript, "exported-program": _exported_program, "onnx": _onnx}
 
 
@@ -179,98 +229,6 @@ def _torchvision_head(loaded: LoadedModel) -> str:
     parent, _, attr = path.rpartition(".")
     target = f"model.{parent}[{attr}]" if attr.isdigit() else f"model.{path}"
     return f"{target} = nn.Linear({layer.in_features}, {layer.out_features})"
-
-
-def _preprocess_code(info: dict[str, Any]) -> tuple[str, str]:
-    """(setup, inputs): code that turns an image into the model's input batch, as validation did."""
-    record = info.get("preprocessing") or {}
-    if record.get("input") != "image":
-        shape = ", ".join(str(v) for v in info.get("input_shape") or ["C", "H", "W"])
-        return "", f"inputs = torch.zeros(1, {shape})  # a preprocessed float batch (N, C, H, W)"
-    steps = []
-    if record.get("resize") is not None:
-        resize = record["resize"]
-        steps.append(f"T.Resize({tuple(resize) if isinstance(resize, list) else resize})")
-    if record.get("center_crop") is not None:
-        steps.append(f"T.CenterCrop({record['center_crop']})")
-    steps += ["T.ToTensor()", f"T.Normalize({record['mean']}, {record['std']})"]
-    setup = ("from PIL import Image\nfrom torchvision import transforms as T\n\n"
-             f"preprocess = T.Compose([{', '.join(steps)}])\n")
-    mode = record["image_mode"]
-    inputs = (f"image = Image.new({mode!r}, (64, 64))  # your image: Image.open(path)\n"
-              f"inputs = preprocess(image.convert({mode!r})).unsqueeze(0)  # a batch of 1")
-    return setup, inputs
-
-
-def readme(info: dict[str, Any]) -> str:
-    """A Markdown page with a runnable snippet: preprocess an image, load the file, predict."""
-    spec, filename, fmt = info["model"], info["file"], info["format"]
-    setup, inputs = _preprocess_code(info)
-    gray_note = ""
-    if fmt in ("safetensors", "pt") and info.get("state_dict_keys") == "torchvision":
-        load_line = (f"load_file({filename!r})" if fmt == "safetensors"
-                     else f"torch.load({filename!r}, map_location='cpu', weights_only=True)")
-        imports = ("import torch\nimport torchvision\nfrom torch import nn\n"
-                   + ("from safetensors.torch import load_file\n" if fmt == "safetensors" else ""))
-        model_code = (f"model = torchvision.models.{spec['name']}()\n{info['torchvision']['head']}\n"
-                      f"model.load_state_dict({load_line})\nmodel.eval()")
-        if (spec.get("shape") or {}).get("in_channels") == 1:
-            inputs += "\ninputs = inputs.expand(-1, 3, -1, -1)  # the torchvision model takes 3 channels"
-            gray_note = (" The model was trained on grayscale images: the plain torchvision model takes them "
-                         "as 3 equal channels.")
-        how = (f"The weights carry torchvision's own keys: they load into the plain "
-               f"`torchvision.models.{spec['name']}` with the new head, as in the tutorials.{gray_note}")
-    elif fmt in ("safetensors", "pt"):
-        args = ", ".join(f"{k}={v!r}" for k, v in spec.items())
-        load_line = (f"load_file({filename!r})" if fmt == "safetensors"
-                     else f"torch.load({filename!r}, map_location='cpu', weights_only=True)")
-        imports = ("import torch\n" + ("from safetensors.torch import load_file\n" if fmt == "safetensors" else "")
-                   + "from dist_train.models import ModelSpec, build_model\n")
-        model_code = f"spec = ModelSpec({args})\nmodel = build_model(spec)\nmodel.load_state_dict({load_line})\nmodel.eval()"
-        how = "The weights are the model's state_dict; `build_model` rebuilds the model class they belong to."
-    elif fmt == "torchscript":
-        imports = "import torch\n"
-        model_code = f"model = torch.jit.load({filename!r}, map_location='cpu')\nmodel.eval()"
-        how = "A TorchScript module: it needs torch, not dist_train nor the model's source."
-    elif fmt == "exported-program":
-        imports = "import torch\n"
-        model_code = f"model = torch.export.load({filename!r}).module()"
-        how = "A `torch.export` program: it needs torch, not dist_train nor the model's source."
-    else:
-        imports = "import numpy as np\nimport onnxruntime\nimport torch\n"
-        model_code = f"session = onnxruntime.InferenceSession({filename!r}, providers=['CPUExecutionProvider'])"
-        how = "An ONNX graph (input `input`, output `logits`) for onnxruntime or any ONNX runtime."
-    if fmt == "onnx":
-        run = ("logits = torch.from_numpy(session.run(None, {'input': inputs.numpy().astype(np.float32)})[0])\n"
-               "probabilities = logits.softmax(dim=1)")
-    else:
-        run = "with torch.no_grad():\n    probabilities = model(inputs).softmax(dim=1)"
-    note = (info.get("preprocessing") or {}).get("note")
-    source = info["source"]
-    shape = "x".join(str(v) for v in info.get("input_shape") or ["?"])
-    return f"""# Deploying `{filename}`
-
-A `{spec['name']}` model ({len(info['class_names'])} classes, inputs of {shape}), format `{fmt}`,
-exported from checkpoint `{source['checkpoint']}` (step {source['step']}).
-`model_digest`: `{info['model_digest']}`.
-{how}
-
-`{filename}.json` holds the preprocessing (`preprocessing`: colour mode, resize, crop, mean/std,
-image size, class names), the model spec and the provenance. The snippet applies the same
-preprocessing as validation did{': ' + note if note else ''}.
-
-```python
-{imports}{setup}
-{model_code}
-class_names = {info['class_names']!r}
-
-{inputs}
-{run}
-print(class_names[int(probabilities.argmax(dim=1)[0])])
-```
-
-`dist-train predict --checkpoint CHECKPOINT FILES` gives the same predictions, if you still have the checkpoint.
-"""
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -306,8 +264,14 @@ def check_targets(out: str, force: bool, fmt: str | None = None) -> list[str]:
     return targets
 
 
-def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | None = None) -> list[str]:
-    """Write OUT, OUT.json and OUT.README.md; the paths written, in that order."""
+def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | None = None,
+                 given_shape: list[int] | None = None,
+                 sample: Callable[[], torch.Tensor | None] | None = None) -> list[str]:
+    """Write OUT, OUT.json and OUT.README.md; the paths written, in that order.
+
+    A graph needs an example input: of `given_shape` (`--input-shape`, batch first), else of the
+    recorded image shape, else of `sample()` (a validation sample of the run's data set).
+    """
     from dist_train.inference.predict import preprocessing_of
 
     kind = export_format(out, fmt)
@@ -320,22 +284,21 @@ def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | 
     existed = {path for path in targets if os.path.exists(path)}
     written: list[str] = []
     try:
-        shape = input_shape(loaded, preprocessing)
-        if kind in GRAPH_FORMATS:
-            if shape is None:
-                raise UserError(f"cannot export {loaded.spec.name} as a graph: its input shape is unknown (the data "
-                                "set reported no in_channels and image_size); export the weights instead")
+        example = example_input(loaded, preprocessing, given_shape, sample) if kind in GRAPH_FORMATS else None
+        shape = list(example.shape[1:]) if example is not None else input_shape(loaded, preprocessing)
+        if shape is None and sample is not None:  # weights of a non-image model: the README still shows the shape
+            found = sample()
+            shape = list(found.shape) if found is not None else None
+        if example is not None:
             model = loaded.model.to("cpu").eval()
-            example = torch.zeros(2, *shape)
             tmp = _temp_name(out)
             try:
-                extra = GRAPH_WRITERS[kind](model, example, tmp)
+                extra = GRAPH_WRITERS[kind](model, example, tmp, output_name(loaded))
                 os.replace(tmp, out)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            extra.update({"input": "float32 (N, C, H, W), preprocessed; N is free",
-                          "output": "logits (N, num_classes); softmax gives probabilities"})
+            extra.update(io_description(loaded, example))
         else:
             state, keys = deployable_state_dict(loaded.model)
             extra = {"state_dict_keys": keys, "exported_digest": mf.model_digest(state)}
@@ -346,7 +309,8 @@ def export_model(loaded: LoadedModel, out: str, force: bool = False, fmt: str | 
                         "model_digest": digest, "state_dict_keys": keys}
             _write_atomic(out, _encode(state, kind, metadata))
         written.append(out)
-        info = _describe(loaded, kind, os.path.basename(out), digest, preprocessing, {"input_shape": shape, **extra})
+        info = _describe(loaded, kind, os.path.basename(out), digest, preprocessing,
+                         {"input_shape": shape, "task": loaded.task.name, **extra})
         for path, data in zip(targets[1:], [(json.dumps(info, indent=1) + "\n").encode(), readme(info).encode()]):
             _write_atomic(path, data)
             written.append(path)

@@ -157,6 +157,38 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], inputs: FileInputs,
     return out, failures
 
 
+@torch.no_grad()
+def predict_tensors(loaded: LoadedModel, sources: Sequence[str], batches: Sequence[torch.Tensor],
+                    k: int) -> list[Prediction]:
+    """Predictions of ready-made input batches (tensor files): classes for a task with them, else values."""
+    out: list[Prediction] = []
+    for source, batch in zip(sources, batches):
+        inputs = batch.to(loaded.device)
+        if inputs.is_floating_point():
+            inputs = inputs.float()
+        names = [source] if len(batch) == 1 else [f"{source}[{i}]" for i in range(len(batch))]
+        try:
+            if loaded.task.has_classes:
+                out += [Prediction(name, top) for name, top in zip(names, top_k(loaded.model, inputs, k))]
+                continue
+            outputs = loaded.model(inputs)
+        except RuntimeError as exc:  # a tensor of another shape than the model takes
+            raise UserError(f"input {source} of shape {list(batch.shape)} does not fit model {loaded.spec.name}: "
+                            f"{' '.join(str(exc).split())[:200]}") from None
+        out += [Prediction(name, values=_flat(outputs[row])) for row, name in enumerate(names)]
+    return out
+
+
+def describe_task(loaded: LoadedModel) -> str:
+    """What the header line says the model predicts: its classes, values, or next tokens."""
+    task = loaded.task
+    if task.name == "language_model":
+        return f"language model, vocabulary of {loaded.spec.num_classes or '?'} tokens"
+    if task.has_classes:
+        return f"{len(loaded.class_names)} classes"
+    return task.name
+
+
 def predict_samples(loaded: LoadedModel, dataset: Dataset, count: int, k: int, split: str = "val",
                     batch_size: int = 64) -> list[Prediction]:
     """The first `count` samples of a split, with their true targets (the task decides what is shown)."""
@@ -199,7 +231,8 @@ def format_predictions(predictions: Sequence[Prediction], class_names: Sequence[
     for pred in predictions:
         if pred.top is None:
             shown = ", ".join(f"{v:.4g}" for v in pred.values or [])
-            target = pred.label if not isinstance(pred.label, list) else ", ".join(f"{v:.4g}" for v in pred.label)
+            target = (", ".join(f"{v:.4g}" for v in pred.label) if isinstance(pred.label, list)
+                      else f"{pred.label:.4g}" if isinstance(pred.label, float) else pred.label)
             lines.append(f"{pred.source}  ->  {shown}" + (f"   (target {target}, loss {pred.loss:.4g})"
                                                          if pred.loss is not None else ""))
             continue

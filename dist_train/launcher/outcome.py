@@ -26,8 +26,9 @@ from dist_train.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMP
 MEANING = {EXIT_OK: "finished", EXIT_FAILURE: "failed", EXIT_BAD_INPUT: "bad input",
            EXIT_SUPERSEDED: "superseded by a newer attempt", EXIT_PREEMPTED: "preempted, resume me"}
 UNANIMOUS = (EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_SUPERSEDED)
-# Signals the launcher forwards as "commit a checkpoint and stop" (the trainer's preemption signals).
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Signals the launcher forwards as "commit a checkpoint and stop" (the trainer's preemption signals;
+# Ctrl-C too: the workers commit a checkpoint, so the job is resumable, 75, not a bare 130).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)

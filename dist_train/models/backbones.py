@@ -3,7 +3,8 @@
 Nothing is downloaded. `--pretrained-weights` takes what a tutorial user has: a state_dict of
 the torchvision model (any head), the tutorial's general checkpoint dict (`model_state_dict`),
 weights saved from a DDP model (`module.` keys), or an earlier dist_train run (a checkpoint
-folder, a run dir, an export). Everything is read without unpickling objects
+folder, a run dir, an export; a run on S3 or any fsspec URL too, read with the run's storage
+options, so a custom endpoint works). Everything is read without unpickling objects
 (safetensors, or `torch.load(weights_only=True)`). A head of the right shape is loaded too
 (fine-tuning an earlier run); any other head is replaced by a new one.
 
@@ -80,9 +81,14 @@ ACCEPTED = ("a state_dict of the torchvision model (.pt, .pth, .safetensors), a 
             "or export")
 
 
-def read_pretrained(source: str) -> dict[str, torch.Tensor]:
-    """The tensors of `source` under the model's own names (wrappers' prefixes removed)."""
-    state = _read_checkpoint(source) if os.path.isdir(source) else _read_file(source)
+def read_pretrained(source: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `source` under the model's own names (wrappers' prefixes removed).
+
+    A URL (`s3://...`, `file://...`) or a local folder is a dist_train checkpoint or run dir, read
+    through the storage seam with `storage_options` (the run's: an S3 endpoint, its credentials).
+    """
+    remote = "://" in source
+    state = _read_checkpoint(source, storage_options) if remote or os.path.isdir(source) else _read_file(source)
     for key in CONTAINER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict) and _all_tensors(state[key]):
             state = state[key]
@@ -124,16 +130,16 @@ def _read_file(path: str) -> Any:
         raise UserError(f"cannot load pretrained weights {printable(path)}: {reason}") from None
 
 
-def _read_checkpoint(url: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint(url: str, options: dict | None = None) -> dict[str, torch.Tensor]:
     """The model weights of a dist_train checkpoint folder, or of a run dir's newest valid one (sha256 checked)."""
     from dist_train.checkpoint import resolver
     from dist_train.checkpoint.state import read_payload
     from dist_train.checkpoint.storage import Storage
 
     def read(verdict) -> dict[str, torch.Tensor]:
-        return read_payload(Storage(verdict.url), verdict.manifest, verify_sha=True, model_only=True).model
+        return read_payload(Storage(verdict.url, options), verdict.manifest, verify_sha=True, model_only=True).model
 
-    verdict, state = resolver.newest_valid(url, None, read, what="pretrained weights")
+    verdict, state = resolver.newest_valid(url, options, read, what="pretrained weights")
     log.info("pretrained weights: %s (step %s)", verdict.url, verdict.manifest.get("step"))
     return state
 
@@ -186,11 +192,11 @@ def _example(expected: dict) -> str:
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int = 3, freeze_backbone: bool = False,
-                   pretrained_weights: str | None = None) -> TransferModel:
+                   pretrained_weights: str | None = None, storage_options: dict | None = None) -> TransferModel:
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
-    state = read_pretrained(pretrained_weights) if pretrained_weights else None
+    state = read_pretrained(pretrained_weights, storage_options) if pretrained_weights else None
     parent_name, _, attr = HEADS[name].rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]

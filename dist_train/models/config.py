@@ -27,8 +27,9 @@ class ModelConfig:
                         "image_size where its signature takes them", kind=str, check=_model)
     model_args: dict = option({}, "JSON object of keyword arguments for the model factory", kind="json")
     freeze_backbone: bool = option(False, "train only the new head of a torchvision backbone", kind=bool)
-    pretrained_weights: str | None = option(None, "local weights for the backbone: a state_dict (.pt, .pth, "
+    pretrained_weights: str | None = option(None, "weights for the backbone: a state_dict (.pt, .pth, "
                                             ".safetensors), a training checkpoint dict, or a dist_train "
-                                            "checkpoint or export", kind=str, nullable=True)
+                                            "checkpoint, run dir (local or a URL such as s3://...) or export",
+                                            kind=str, nullable=True)
     dropout: float = option(0.0, "dropout before the classifier of cnn/mlp", kind=float, check=_dropout)
     width: int = option(128, "hidden width of the cnn/mlp classifier", kind=int, check=positive)

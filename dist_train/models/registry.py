@@ -102,14 +102,19 @@ def make_spec(name: str, args: dict[str, Any], builtin_options: dict[str, Any],
     return ModelSpec(name, merged, accepted_kwargs(factory, offered))
 
 
-def build_model(spec: ModelSpec, pretrained_weights: str | None = None) -> nn.Module:
-    """Call the spec's factory; anything but an nn.Module, or an exception, is a UserError naming it."""
+def build_model(spec: ModelSpec, pretrained_weights: str | None = None,
+                storage_options: dict | None = None) -> nn.Module:
+    """Call the spec's factory; anything but an nn.Module, or an exception, is a UserError naming it.
+
+    `storage_options` (the run's) reach a factory that reads `pretrained_weights` from a URL.
+    """
     factory = MODELS.resolve(spec.name)
     kwargs = {**spec.args, **accepted_kwargs(factory, spec.shape)}
     if pretrained_weights is not None:
         if not accepted_kwargs(factory, {"pretrained_weights": pretrained_weights}):
             raise UserError(f"--pretrained-weights: model {spec.name} does not take pretrained weights")
         kwargs["pretrained_weights"] = pretrained_weights
+        kwargs.update(accepted_kwargs(factory, {"storage_options": storage_options} if storage_options else {}))
     model = call_user(factory, spec.name, "model", **kwargs) if is_import_path(spec.name) else factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model {spec.name} returned a {type(model).__name__}, not a torch.nn.Module")

@@ -87,3 +87,22 @@ def format_summary(run_url: str, summary: dict[str, Any]) -> list[str]:
     if summary["skipped_lines"]:
         lines.append(f"  ({summary['skipped_lines']} unreadable metrics line(s) skipped)")
     return lines
+
+
+def format_goodput(report: dict[str, Any]) -> list[str]:
+    """The goodput lines: the share that trained, where the rest went, how each attempt ended."""
+    if not report.get("attempts"):
+        return ["  goodput          n/a (no goodput record in this run dir: trained before dist_train recorded one)"]
+    elapsed = report["elapsed_s"]
+    lines = [f"  goodput          {report['goodput']:.1%} ({report['productive_s']:.1f}s productive of "
+             f"{elapsed:.1f}s elapsed)"]
+    badput = sorted(report["badput_s"].items(), key=lambda kv: -kv[1])
+    lines.append("  badput           " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in badput if seconds >= 0.05)
+                 or "  badput           none")
+    for attempt in report["attempts"]:
+        lost = f", {attempt['steps_lost']} lost" if attempt["steps_lost"] else ""
+        resumed = f", from step {attempt['resumed_step']}" if attempt.get("resumed_step") is not None else ""
+        lines.append(f"  attempt {attempt['generation']:<8} {attempt['ended']}: {attempt['steps_trained']} steps"
+                     f"{lost}{resumed} ({attempt['end'] - attempt['start']:.1f}s, "
+                     f"{attempt.get('world_size') or '?'} ranks)")
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -63,6 +64,7 @@ class Job:
     extras: dict[str, Any]
     callbacks: CallbackList
     resumed: bool
+    timings: dict[str, Any] = field(default_factory=dict)  # restore begin/end, for the goodput record
 
 
 def total_steps(cfg: JobConfig, train_len: int, world_size: int) -> int:
@@ -82,6 +84,10 @@ def run_training(cfg: JobConfig, env: DistEnv, code: UserCode | None = None) -> 
 # -- build: nothing is written ----------------------------------------------------------------
 
 def _model_spec(cfg: JobConfig, code: UserCode, shape: dict[str, Any]) -> tuple[ModelSpec, Callable | None]:
+    from dist_train.plugins import is_import_path
+    from dist_train.training.preflight import refuse_builtin_only_flags
+    if code.model is not None or is_import_path(cfg.model.model):
+        refuse_builtin_only_flags(cfg, qualified_name(code.model) if code.model is not None else cfg.model.model)
     if code.model is not None:
         from dist_train.plugins import accepted_kwargs
         return ModelSpec(qualified_name(code.model), dict(cfg.model.model_args),
@@ -96,9 +102,10 @@ def _model_spec(cfg: JobConfig, code: UserCode, shape: dict[str, Any]) -> tuple[
     return spec, None
 
 
-def _instantiate(spec: ModelSpec, factory: Callable | None, pretrained: str | None) -> nn.Module:
+def _instantiate(spec: ModelSpec, factory: Callable | None, pretrained: str | None,
+                 storage_options: dict | None = None) -> nn.Module:
     if factory is None:
-        return build_model(spec, pretrained)
+        return build_model(spec, pretrained, storage_options)
     model = call_user(factory, spec.name, "model", **spec.args, **spec.shape)
     if not isinstance(model, nn.Module):
         raise UserError(f"model {spec.name} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -124,11 +131,7 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     if cfg.train.parallelism == "fsdp" and writers == "rank0":
         raise UserError("--parallelism fsdp needs --checkpoint-writers all: no rank holds the whole state "
                         "to write it alone")
-    checkpoints = CheckpointManager(cfg.checkpoint.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_checkpoint,
-                                    cfg.checkpoint.storage_options, keep_best=cfg.checkpoint.keep_best,
-                                    keep_every=cfg.checkpoint.keep_every, verify=cfg.checkpoint.verify, env=env,
-                                    strict_fencing=cfg.checkpoint.strict_fencing, local_cache=cfg.checkpoint.local_cache,
-                                    local_cache_keep=cfg.checkpoint.local_cache_keep, writers=writers)
+    checkpoints = CheckpointManager.from_config(cfg.checkpoint, env, writers=writers)
     task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
     bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
     spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))
@@ -136,30 +139,51 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
         log.warning("--freeze-backbone without --pretrained-weights: the frozen base keeps its random "
                     "initialisation and will not learn; only the new head trains")
     seed_process(cfg.train.seed, "init")  # identical initial weights for every rank and world size
-    model = env.on_every_rank(lambda: _instantiate(spec, factory, cfg.model.pretrained_weights)).to(env.device)
+    model = env.on_every_rank(lambda: _instantiate(spec, factory, cfg.model.pretrained_weights,
+                                                   cfg.checkpoint.storage_options)).to(env.device)
     # FSDP shards the parameters in place (they become DTensors): before the optimizer is built on them.
     module = apply_parallelism(model, env, cfg.train.parallelism, cfg.train.amp)
     extras = env.on_every_rank(lambda: _extras(code, model))
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps(cfg, len(bundle.train), env.world_size))
+    from dist_train.data.iterable import streamed as iterable_order
+    stream = env.on_every_rank(lambda: iterable_order(cfg, env, bundle))  # an IterableDataset: data/iterable.py
+    scheduler = build_scheduler(optimizer, cfg.optim, stream.steps if stream else
+                                total_steps(cfg, len(bundle.train), env.world_size))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and env.device.type == "cuda")
-    sampler = ResumableDistributedSampler(len(bundle.train), cfg.data.batch_size, env.world_size, env.rank,
-                                          cfg.train.seed)
+    sampler = stream.order if stream else ResumableDistributedSampler(len(bundle.train), cfg.data.batch_size,
+                                                                      env.world_size, env.rank, cfg.train.seed)
     progress = Progress()
     parts = ModelParts(module, model, spec, task)
     optim = OptimParts(optimizer, scheduler, scaler)
-    data = DataParts(bundle, sampler, IndexedDataset(bundle.train, cfg.train.seed, reseed_per_sample=cfg.data.augment))
+    data = DataParts(bundle, sampler, stream.dataset if stream else
+                     IndexedDataset(bundle.train, cfg.train.seed, reseed_per_sample=cfg.data.augment))
     job = Job(cfg, env, parts, optim, data, checkpoints, progress, extras, CallbackList(code.callbacks), False)
     state = checkpoint_state(model, optimizer, TrainerState(progress, sampler, scheduler, scaler), extras)
+    restore_began = time.time()
     step = checkpoints.restore(state, source=cfg.checkpoint.resume,
                                check=lambda manifest: _model_mismatch(manifest, spec))
+    job.timings["restore"] = (restore_began, time.time(), step)
     job.resumed = step is not None
     if job.resumed and not checkpoints.restored_rng:
         seed_process(cfg.train.seed, "elastic", env.world_size, env.rank, progress.epoch)
         if env.is_rank0:
             log.info("world size changed (%d -> %d): RNG streams re-derived; data order stays exact",
                      (checkpoints.resumed_from or {}).get("world_size", 0), env.world_size)
+    if job.resumed:  # flags changed since the checkpoint: applied, the checkpoint's, or refused (one line)
+        from dist_train.training.resume_flags import reconcile
+        env.on_every_rank(lambda: reconcile(cfg, checkpoints.resumed_from, optimizer, scheduler, env.is_rank0))
+    env.on_every_rank(lambda: _dry_batch(job))  # the user's data, model and task meet once before the claim
     return job
+
+
+def _dry_batch(job: Job) -> None:
+    from dist_train.training.evaluation import autocast
+    from dist_train.training.preflight import dry_batch
+
+    bundle, cfg = job.data.bundle, job.cfg
+    dataset = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
+    dry_batch(job.model.raw, job.model.task, dataset, cfg.data.batch_size, job.env.device, job.model.spec.name,
+              cfg.data.dataset, autocast(job.env.device, cfg.train.amp and job.env.device.type == "cuda"))
 
 
 def _model_mismatch(manifest: dict[str, Any], spec: ModelSpec) -> str | None:
@@ -188,11 +212,12 @@ def claim(job: Job) -> int:
 def run(job: Job, generation: int) -> Outcome:
     cfg, env = job.cfg, job.env
     storage = job.checkpoints.storage
-    metrics = MetricsLog(storage if env.is_rank0 else None)
     resumed_step = job.progress.step if job.resumed else None
+    metrics = MetricsLog(storage if env.is_rank0 else None, resumed_step)  # drops the lines of redone steps
     if env.is_rank0 and job.resumed:
         metrics.write({"event": "resume", "step": job.progress.step, "epoch": job.progress.epoch,
-                       "generation": generation, "from": (job.checkpoints.resumed_from or {}).get("generation")})
+                       "generation": generation, "from": (job.checkpoints.resumed_from or {}).get("generation"),
+                       "dropped": metrics.dropped})
     tracker = None
     if env.is_rank0 and cfg.train.tensorboard:
         from dist_train.training.trackers import TensorBoardTracker
@@ -201,18 +226,44 @@ def run(job: Job, generation: int) -> Outcome:
     watcher = PreemptionWatcher(cfg.train.preempt_deadline).install()
     run_parts = RunParts(job.checkpoints, metrics, watcher, job.progress, generation, job.callbacks, job.extras,
                          tracker, notice)
+    run_parts.goodput = _goodput_hooks(job, generation, metrics)
     trainer = Trainer(env, cfg, job.model, job.optim, job.data, run_parts)
     if job.callbacks:
         job.checkpoints.add_commit_listener(lambda committed: job.callbacks.call("on_save_checkpoint", committed.url))
+    ended = "failed"
     try:
         if notice is not None:
             notice.start()
-        return trainer.fit()
+        outcome = trainer.fit()
+        ended = "failed" if outcome is Outcome.CHECKPOINT_FAILED else outcome.value
+        return outcome
     finally:
+        run_parts.goodput.exit(ended)
         if notice is not None:
             notice.stop()
         watcher.finished()
         watcher.uninstall()
+
+
+def _goodput_hooks(job: Job, generation: int, metrics: MetricsLog):
+    """The attempt's goodput record (rank 0) and checkpoint schedule (every rank); see dist_train/goodput."""
+    from dist_train.goodput.events import GoodputRecorder
+    from dist_train.goodput.hooks import GoodputHooks
+    from dist_train.goodput.interval import make_schedule
+
+    cfg, env = job.cfg.checkpoint, job.env
+    recorder = None
+    if env.is_rank0:
+        recorder = GoodputRecorder(job.checkpoints.storage, generation, world_size=env.world_size)
+        began, ended, step = job.timings.get("restore", (None, None, None))
+        if began is not None:
+            recorder.event("restore", t0=began, t1=ended, step=step,
+                           **{"from": (job.checkpoints.resumed_from or {}).get("generation")})
+    schedule = make_schedule(cfg, job.checkpoints.storage if env.is_rank0 else None, generation)
+    hooks = GoodputHooks(schedule, recorder, metrics if env.is_rank0 else None)
+    if env.is_rank0:
+        job.checkpoints.add_commit_listener(lambda committed: hooks.committed(int(committed.manifest["step"])))
+    return hooks
 
 
 def _notice_watcher(cfg: JobConfig, env: DistEnv):

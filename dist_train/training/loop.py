@@ -90,6 +90,7 @@ class RunParts:
     extras: dict[str, Any] = field(default_factory=dict)
     tracker: Any = None   # TensorBoardTracker or None
     notice: Any = None    # NoticeWatcher or None
+    goodput: Any = None   # GoodputHooks or None: step timings, save stalls, timed saves (dist_train/goodput)
 
 
 class Trainer:
@@ -109,6 +110,11 @@ class Trainer:
         self.vote = BoundaryVote(env)
         self._noticed = False
         self._stop_reason = "preempted"  # the reason recorded by the checkpoint of a preemption
+        self._timed_save = False  # the vote agreed on a timed save (--checkpoint-every DURATION|auto)
+        if run.goodput is None:  # no record, but --checkpoint-every is still followed
+            from dist_train.goodput.hooks import GoodputHooks
+            from dist_train.goodput.interval import make_schedule
+            run.goodput = GoodputHooks(make_schedule(cfg.checkpoint))
         run.callbacks.view = _view(self)
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -160,6 +166,8 @@ class Trainer:
         ok = self.run.checkpoints.close()
         self.run.metrics.close()
         if self.run.tracker is not None:
+            from dist_train.goodput.hooks import publish
+            publish(self.run.goodput, self.run.tracker, self.progress.step)
             self.run.tracker.close()
         flags = self.env.all_reduce_max([int(not ok), int(self.run.checkpoints.superseded is not None)])
         if flags[1]:
@@ -172,20 +180,28 @@ class Trainer:
     def _train_epoch(self) -> Outcome | None:
         """Train to the end of the epoch; an Outcome when the job must stop early."""
         sampler, progress = self.data.sampler, self.progress
-        loader = train_loader(self.data.train_set, sampler, self.cfg.data.num_workers,
-                              self.env.device.type == "cuda", self.env.rank)
-        batches = iter(loader)
+        if hasattr(sampler, "batches"):  # the user's IterableDataset (data/iterable.py)
+            batches = sampler.batches(self.env)
+        else:
+            batches = iter(train_loader(self.data.train_set, sampler, self.cfg.data.num_workers,
+                                        self.env.device.type == "cuda", self.env.rank))
         self._open_bar(len(sampler))
         accumulate = self.cfg.optim.grad_accum
         try:
             while True:
+                started = time.time()
                 micro = list(itertools.islice(batches, accumulate))
                 if not micro:
                     return None
+                waited = time.time() - started
                 count = sum(sampler.chunk_size_at(sampler.position + i * sampler.chunk) for i in range(len(micro)))
                 step_loss = self._optimizer_step(micro, count)
                 sampler.advance(len(micro))
                 progress.step += 1
+                if self.run.goodput is not None:
+                    committed = self.run.checkpoints.last_committed
+                    self.run.goodput.step(progress.step, started, time.time(), waited,
+                                          committed.manifest.get("step") if committed is not None else None)
                 progress.samples_seen += count
                 self._window_samples += count
                 self._record_samples(micro)
@@ -200,8 +216,9 @@ class Trainer:
                     return outcome
                 if self._steps_done():
                     return None  # the end: validated, then saved once as "final" (never before validation)
-                every = self.cfg.checkpoint.checkpoint_every
-                if every and progress.step % every == 0 and not sampler.epoch_done:
+                timed, self._timed_save = self._timed_save, False
+                due = self.run.goodput.fixed_due(progress.step) if self.run.goodput is not None else False
+                if (due or timed) and not sampler.epoch_done:
                     self._save("interval")
         finally:
             del batches
@@ -238,17 +255,20 @@ class Trainer:
     def _boundary_outcome(self) -> Outcome | None:
         """The one collective of a step boundary: do all ranks go on? (decided one boundary later)"""
         notice = self.run.notice is not None and self.run.notice.seen
+        timed = self.run.goodput.vote_flag(self.progress.step, self.env.is_rank0) if self.run.goodput else 0
         agreed = self.vote.cast([int(self.run.watcher.requested),
-                                 int(self.env.is_rank0 and self.run.checkpoints.must_stop), int(notice)])
+                                 int(self.env.is_rank0 and self.run.checkpoints.must_stop), int(notice), timed])
         if agreed is None:
             return None
-        preempt, stop, noticed = agreed
+        preempt, stop, noticed, self._timed_save = agreed[0], agreed[1], agreed[2], bool(agreed[3])
         if preempt:
             return Outcome.PREEMPTED
         if stop:
             return Outcome.SUPERSEDED if self.run.checkpoints.superseded else Outcome.CHECKPOINT_FAILED
         if noticed and not self._noticed:
             self._noticed = True
+            if self.run.goodput is not None:
+                self.run.goodput.notice()
             if self.env.is_rank0:
                 log.warning("preemption notice%s: committing a checkpoint now",
                             f" ({self.run.notice.describe()})" if self.run.notice is not None else "")
@@ -305,6 +325,7 @@ class Trainer:
         self.run.metrics.write(base)
 
     def _save(self, reason: str) -> None:
+        started = time.time()  # the training thread's stall, for goodput and --checkpoint-every auto
         self.run.metrics.flush()  # remote run dirs: the metrics so far go up with each checkpoint
         if self.run.tracker is not None:
             self.run.tracker.flush()
@@ -313,7 +334,10 @@ class Trainer:
         if progress.last_val.get("step") == progress.step:
             metrics.update({k: v for k, v in progress.last_val.items() if k != "step"})
         bundle = self.data.bundle
-        fields = {"sampler": self.data.sampler.state_dict(),
+        sampler = self.data.sampler
+        if hasattr(sampler, "gather_states"):  # an IterableDataset: every rank's state (collective)
+            sampler.gather_states(self.env)
+        fields = {"sampler": sampler.summary() if hasattr(sampler, "summary") else sampler.state_dict(),
                   "best": {"val_loss": progress.best_val_loss, "step": progress.best_step},
                   "model": self.model.spec.as_dict(), "task": self.model.task.name,
                   "config": self.cfg.to_dict(), "config_hash": self.cfg.fingerprint(),
@@ -330,6 +354,10 @@ class Trainer:
             defer = lambda t: t.data_ptr() in deferrable  # noqa: E731
         self.run.checkpoints.save(progress.step, self.checkpoint_state(), epoch=progress.epoch, reason=reason,
                                   metrics=_clean(metrics), fields=_clean(fields), defer=defer)
+        if self.run.goodput is not None:
+            committed = self.run.checkpoints.last_committed
+            self.run.goodput.saved(progress.step, started, time.time(), reason, self.run.checkpoints.async_save,
+                                   committed is not None and committed.manifest.get("step") == progress.step)
 
     # -- progress bar and sample log ----------------------------------------------------------
 

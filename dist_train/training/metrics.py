@@ -4,6 +4,14 @@ Local run dirs get each line appended and flushed at once. Object stores cannot
 append, so the file is rewritten from memory at every checkpoint and at close (the
 points where the run's state is persisted anyway, and the same in every run of a
 job); lines of earlier attempts are read first and kept.
+
+A resumed attempt redoes the steps after its checkpoint that a dead attempt (SIGKILL, a
+crash) had already logged. Those lines describe training that the run's state no longer
+contains, so on resume they are dropped: every line with a `step` beyond the resumed step
+(events such as `resume` stay), the local file rewritten atomically (temporary file, then
+rename) before the first new line; the `resume` event counts them (`dropped`). So each
+step appears once in metrics.jsonl, as in TensorBoard, and always the values of the
+attempt whose state the run continues from.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -66,20 +75,37 @@ class MetricSums:
 
 
 class MetricsLog:
-    def __init__(self, storage: Storage | None):
+    def __init__(self, storage: Storage | None, resumed_step: int | None = None):
         self.storage = storage
         self._lines: list[str] = []
         self._handle = None
+        self.dropped = 0  # lines of steps redone after resume_step, dropped (see the module docstring)
         if storage is None:
             return
         if storage.appendable:
             storage.makedirs("")
-            self._handle = open(storage.local_path(METRICS), "a", encoding="utf-8")
+            path = storage.local_path(METRICS)
+            if resumed_step is not None and os.path.exists(path):
+                with open(path, encoding="utf-8") as handle:
+                    lines = handle.read().splitlines()
+                kept = superseded(lines, resumed_step)
+                self.dropped = len(lines) - len(kept)
+                if self.dropped:
+                    temporary = f"{path}.tmp-{os.getpid()}"
+                    with open(temporary, "w", encoding="utf-8") as handle:
+                        handle.write("".join(line + "\n" for line in kept))
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(temporary, path)
+            self._handle = open(path, "a", encoding="utf-8")
         else:
             try:
                 self._lines = storage.read(METRICS).decode().splitlines()
             except FileNotFoundError:
                 self._lines = []
+            if resumed_step is not None:
+                kept = superseded(self._lines, resumed_step)
+                self.dropped, self._lines = len(self._lines) - len(kept), kept
 
     def write(self, record: dict[str, Any]) -> None:
         if self.storage is None:
@@ -106,3 +132,19 @@ class MetricsLog:
             self._handle = None
         else:
             self.flush()
+
+
+def superseded(lines: list[str], resumed_step: int) -> list[str]:
+    """The lines a resume at `resumed_step` keeps: all but the records of steps after it."""
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            kept.append(line)  # not ours to judge (a torn last line stays as it was)
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if "event" not in record and isinstance(step, int) and step > resumed_step:
+            continue
+        kept.append(line)
+    return kept

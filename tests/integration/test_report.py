@@ -56,7 +56,7 @@ def test_report_writes_a_png_and_a_summary_for_a_preempted_and_resumed_run(capsy
     data = out.read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (900, 650)
+    assert (width, height) == (1500, 650)  # the curves beside the attempt timeline
     assert len(data) > 20_000  # two panels with lines, not an empty canvas
 
     resumes = [r for r in metrics_lines(resumed_run) if r.get("event") == "resume"]
@@ -66,7 +66,7 @@ def test_report_writes_a_png_and_a_summary_for_a_preempted_and_resumed_run(capsy
     assert f"attempts         2 (resumed at step {resumes[0]['step']})" in stdout
     assert f"checkpoints      {committed} committed; newest at step 120" in stdout
     assert "best val loss" in stdout and "samples/s" in stdout
-    assert f"curves written to {out}" in stdout
+    assert f"report written to {out}" in stdout
 
 
 def test_report_json_summary_uses_the_surviving_attempts_values(capsys, tmp_path, monkeypatch, resumed_run):
@@ -77,7 +77,7 @@ def test_report_json_summary_uses_the_surviving_attempts_values(capsys, tmp_path
     summary = json.loads(stdout)
     lines = metrics_lines(resumed_run)
     resume = next(r for r in lines if r.get("event") == "resume")
-    assert summary["attempts"] == 2 and summary["steps"] == 120
+    assert summary["attempt_count"] == 2 and summary["steps"] == 120
     assert summary["resumes"] == [{"step": resume["step"], "generation": 2, "from": 1}]
     assert summary["newest_checkpoint"]["step"] == 120
     val = [r for r in lines if r.get("split") == "val"]
@@ -126,6 +126,6 @@ def test_report_reads_an_s3_run_dir(capsys, tmp_path, s3_env, s3_bucket, resumed
     code, stdout, err = cli(capsys, "report", f"s3://{s3_bucket}/run", "--out", out, "--json")
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["steps"] == 120 and summary["checkpoints"] == 1 and summary["attempts"] == 2
+    assert summary["steps"] == 120 and summary["checkpoints"] == 1 and summary["attempt_count"] == 2
     assert summary["newest_checkpoint"]["url"] == f"s3://{s3_bucket}/run/{newest.name}"
     assert out.read_bytes()[:8] == PNG_SIGNATURE

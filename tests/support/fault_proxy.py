@@ -52,6 +52,7 @@ class FaultProxy:
         self.strip_headers: set[str] = set()  # lower-case names of request headers not forwarded
         self.counts: collections.Counter = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault or "ok")
+        self.get_bytes: collections.Counter = collections.Counter()  # object path (no query) -> body bytes sent
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -156,6 +157,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "stall":
             time.sleep(proxy.stall_seconds)
         status, reason, headers, data = self._forward(proxy, body)
+        if self.command == "GET":
+            with proxy._lock:
+                proxy.get_bytes[self.path.split("?", 1)[0]] += len(data)
         if fault in ("reset_after", "drop_response"):
             self._reset()
         self.send_response_only(status, reason)

@@ -1,0 +1,248 @@
+"""One read per job: the ranks split a checkpoint's replicated files, then exchange them.
+
+Under DDP every rank needs the same bytes (model, optimizer, trainer and RNG entries; the
+small entries of a sharded checkpoint). Read on every rank, an N-rank restore pulls N
+times the checkpoint from the store and hashes it N times. Here the files are planned
+over the ranks (`plan`: each file to one rank, largest first to the least loaded rank, so
+the split is even, disjoint and covering); each rank reads and verifies (sha256) only its
+files; a verification problem on any rank is gathered before anything is exchanged, so
+every rank raises the same `CorruptCheckpoint` and the caller falls back to the next
+candidate as before; then every file is broadcast from its reader as a uint8 tensor (on
+the collective device: CUDA under nccl, the CPU under gloo) and parsed on every rank by
+the same parser the direct read uses (`reader.parse_file`), so the state is bit-identical.
+
+`choose` is the manager's restore path around it: rank 0 proposes candidates newest first
+(`locate`, the resolver), every rank reads (`read`: this node's local cache first,
+`read_cached`; a sharded checkpoint's shards through DCP's planner, `load_resharded`), and
+all ranks agree on the one they load.
+
+Split reads are used on stores where every byte is a network fetch (`Storage.is_local` False). On local
+disk every rank reads (a warm page cache serves the second reader at memory speed, and a
+broadcast would only add a copy): see docs/checkpoint-loading.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from typing import TYPE_CHECKING, Any, Collection, Sequence
+
+import torch
+
+from dist_train.checkpoint import catalog
+from dist_train.checkpoint import manifest as mf
+from dist_train.checkpoint import resolver, state
+from dist_train.checkpoint.faults import describe_error
+from dist_train.checkpoint.reader import CorruptCheckpoint, LoadedFile, parse_file, read_bytes
+from dist_train.checkpoint.state import Payload
+from dist_train.checkpoint.storage import Storage
+from dist_train.distributed.env import DistEnv
+from dist_train.errors import UserError
+
+if TYPE_CHECKING:
+    from dist_train.checkpoint.manager import Check, CheckpointManager
+
+log = logging.getLogger("dist_train.checkpoint.manager")  # the resume lines keep the logger they always had
+
+
+def plan(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Owner rank of each file: largest first to the least-loaded rank (ties: lowest rank), deterministic.
+
+    Every rank computes the same plan from the manifest, so no plan is exchanged.
+    """
+    loads = [(0, rank) for rank in range(max(1, world_size))]
+    heapq.heapify(loads)
+    owners: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, rank = heapq.heappop(loads)
+        owners[name] = rank
+        heapq.heappush(loads, (load + sizes[name], rank))
+    return owners
+
+
+def should_split(env: DistEnv, folder: Storage) -> bool:
+    """Split the reads: several ranks in a process group, and a store where each byte is fetched."""
+    return env.world_size > 1 and env.backend is not None and not folder.is_local
+
+
+def read_files_split(env: DistEnv, folder: Storage, manifest: dict[str, Any], names: Sequence[str],
+                     verify_sha: bool, trees: Collection[str] = ()) -> dict[str, LoadedFile]:
+    """`reader.read_files`, with each file read once per job (collective: every rank calls it alike)."""
+    import torch.distributed as dist
+
+    files = manifest.get("files") or {}
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise CorruptCheckpoint(f"manifest does not list {missing[0]}")
+    owners = plan({name: int(files[name]["size"]) for name in names}, env.world_size)
+    raw: dict[str, Any] = {}
+    problem = None
+    for name in names:  # in `names` order: the first problem is the one a direct read reports
+        if owners[name] != env.rank:
+            continue
+        try:
+            raw[name] = read_bytes(folder, manifest, name, verify_sha)
+        except CorruptCheckpoint as exc:
+            problem = str(exc)
+            break
+        except Exception as exc:  # noqa: BLE001 - unreadable: the checkpoint is skipped on every rank
+            problem = f"unreadable ({describe_error(exc)})"
+            break
+    problems = [p for p in env.all_gather_objects(problem) if p]
+    if problems:  # known to every rank before any byte is used
+        raise CorruptCheckpoint(problems[0])
+    device = env.collective_device
+    out: dict[str, LoadedFile] = {}
+    for name in names:
+        size, owner = int(files[name]["size"]), owners[name]
+        if owner == env.rank:
+            buffer = torch.frombuffer(raw.pop(name), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+            buffer = buffer.to(device)
+        else:
+            buffer = torch.empty(size, dtype=torch.uint8, device=device)
+        dist.broadcast(buffer, src=owner)
+        data = buffer.cpu().numpy() if buffer.device.type != "cpu" or owner != env.rank else buffer.numpy()
+        out[name] = parse_file(files[name], name, data, name in trees)
+        del buffer, data
+    return out
+
+
+def read_payload(env: DistEnv, folder: Storage, manifest: dict[str, Any], verify_sha: bool = True,
+                 skip: tuple[str, ...] = ()) -> Payload:
+    """`state.read_payload` for every rank of a job at once: split reads where they pay, else a direct read."""
+    if not should_split(env, folder):
+        return state.read_payload(folder, manifest, verify_sha=verify_sha, skip=skip)
+    names = [name for name in state.entry_names(manifest) if name not in skip]
+    files = read_files_split(env, folder, manifest, [state.file_name(name) for name in names], verify_sha,
+                             trees={state.file_name(name) for name in names if name != state.MODEL})
+    loaded = {name: files[state.file_name(name)] for name in names}
+    return Payload(manifest, {name: f.tensors if name == state.MODEL else f.tree for name, f in loaded.items()})
+
+
+# -- choosing the checkpoint to restore (the manager's restore path) ---------------------------------
+
+def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payload | None:
+    """Rank 0 proposes candidates newest first; every rank reads and verifies; all agree (collective)."""
+    env = mgr.env
+    error, located = None, None
+    if env.is_rank0:
+        try:
+            located = locate(mgr, source)
+        except UserError as exc:
+            error = str(exc)
+    env.agree(error)
+    skipped: list[str] = []
+
+    def on_skip(verdict) -> None:  # a named checkpoint gets one error line with the reason, no warning
+        skipped.append(verdict.reason or "invalid")
+        if not located.explicit:
+            resolver.log_skip(verdict)
+
+    pending = resolver.candidates(located, "size", on_skip) if located is not None else iter(())
+    while True:
+        candidate, error = None, None
+        if env.is_rank0:
+            try:
+                verdict = next(pending, None)
+                if verdict is not None:
+                    candidate = (verdict.url, verdict.manifest)
+                    reason = check(verdict.manifest) if check else None
+                    if reason:
+                        error = f"cannot resume from {verdict.url}: {reason}"
+                elif located is not None and located.explicit:
+                    reason = f": {skipped[-1]}" if skipped else ""
+                    error = f"--resume {located.display_url} is not a valid checkpoint{reason}"
+            except Exception as exc:  # noqa: BLE001 - storage trouble during discovery is the user's to fix
+                error = f"cannot search {located.display_url} for checkpoints: {describe_error(exc)}"
+        env.agree(error)
+        candidate = env.broadcast_object(candidate)
+        if candidate is None:
+            if source not in ("auto", "never"):
+                raise UserError(f"--resume {source}: no valid checkpoint there")
+            return None
+        url, manifest = candidate
+        problem, payload = None, None
+        try:
+            payload = None if mgr._resharding(manifest) else read_cached(mgr, url, manifest)
+            folder = Storage(url, mgr.options)
+            if should_split(env, folder):  # the split read is collective: all ranks take part if one needs it
+                if any(env.all_gather_objects(payload is None)):
+                    fresh = read(mgr, folder, manifest)
+                    payload = payload if payload is not None else fresh
+            elif payload is None:
+                payload = read(mgr, folder, manifest)
+        except CorruptCheckpoint as exc:
+            problem = str(exc)
+        except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
+            problem = f"unreadable ({describe_error(exc)})"
+        problems = [p for p in env.all_gather_objects(problem) if p]
+        if not problems:
+            log.info("resuming from %s (step %d, epoch %d)", url, manifest["step"], manifest["epoch"])
+            mgr.resumed_url = url
+            return payload
+        if located is not None and located.explicit or source not in ("auto", "never"):
+            env.agree(f"--resume {url} is not a valid checkpoint: {problems[0]}")
+        if env.is_rank0:
+            resolver.log_skip(catalog.Verdict(catalog.CheckpointRef(0, 0, url), url, False, problems[0]))
+            corrupt = [p for p in problems if not p.startswith("unreadable (")]  # bytes, not the store
+            if corrupt:
+                resolver.mark_corrupt(located, url, corrupt[0])  # not history: retention deletes it first
+
+
+def load_resharded(mgr: "CheckpointManager", state: dict[str, Any], payload: Payload) -> tuple[str, ...]:
+    """Model (and optimizer) through DCP's planner: any saved world size or layout into this one."""
+    from dist_train.checkpoint.dcp import load_state
+    from dist_train.checkpoint.manager import unwrap
+
+    optimizer = state.get("optimizer")
+    load_state(mgr.env, payload.folder, payload.manifest, unwrap(state["model"]), optimizer, verify_sha=False)
+    return ("model", "optimizer") if optimizer is not None else ("model",)
+
+
+def read(mgr: "CheckpointManager", folder: Storage, manifest: dict[str, Any]) -> Payload:
+    """This rank's reading of a candidate: whole entries, and (resharding) its share of the shards' hashes."""
+    if not mgr._resharding(manifest):
+        return read_payload(mgr.env, folder, manifest, verify_sha=mgr.verify == "sha256")
+    from dist_train.checkpoint.dcp import files_to_load
+    from dist_train.checkpoint.index import verify_share
+
+    if mgr.verify == "sha256":
+        problem = verify_share(folder, manifest, mgr.env.rank, mgr.env.world_size, files_to_load(manifest))
+        if problem:
+            raise CorruptCheckpoint(problem)
+    payload = read_payload(mgr.env, folder, manifest, verify_sha=mgr.verify == "sha256",
+                                 skip=("model", "optimizer"))
+    payload.folder = folder
+    return payload
+
+
+def read_cached(mgr: "CheckpointManager", url: str, manifest: dict[str, Any]) -> Payload | None:
+    """This node's cached copy of the chosen checkpoint, verified while read; None: read the run dir."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    folder = mgr.cache.lookup(name, manifest) if mgr.cache is not None else None
+    if folder is None:
+        return None
+    try:
+        payload = state.read_payload(folder, manifest, verify_sha=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged cache is ignored, never trusted
+        log.warning("local cache: ignored %s (%s); reading the run dir", name, describe_error(exc))
+        mgr.cache.discard(name)
+        return None
+    log.info("resuming from the local cache %s (same manifest as %s)", folder.display_url, url)
+    mgr.restored_from_cache = True
+    return payload
+
+
+def locate(mgr: "CheckpointManager", source: str) -> resolver.Located | None:
+    if source in ("auto", "never"):
+        refs = catalog.newest_first(catalog.list_checkpoints(mgr.storage))
+        if source == "never":
+            committed = [r for r in refs if mgr.storage.exists(f"{r.name}/{mf.MANIFEST}")]
+            if committed:
+                raise UserError(
+                    f"run dir {mgr.storage.display_url} already holds {len(committed)} checkpoint(s) "
+                    f"(newest {committed[0].name}); --resume never would start over beside them. "
+                    "Use --resume auto to continue, or a new --run-dir")
+            return None
+        return resolver.Located(mgr.storage, refs, explicit=False)
+    return resolver.locate(source, mgr.options, what="--resume")
