@@ -11,9 +11,22 @@ DATASETS_NEEDING_ROOT = ("mnist", "fashion_mnist", "cifar10", "image_folder")
 
 
 def _dataset(value: str) -> str | None:
+    if "://" in value:
+        return None  # a packed data set's URL: opened (and checked) when the job builds its data
     from dist_train.data.registry import DATASETS  # torch is imported only once a job is configured
 
     return DATASETS.check_name(value)
+
+
+def _size(value: str) -> str | None:
+    from dist_train.data.packed.pack import parse_size
+    from dist_train.errors import UserError
+
+    try:
+        parse_size(value, "--data-cache-limit")
+    except UserError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
 
 
 def _shape(value: str) -> str | None:
@@ -26,13 +39,23 @@ def _shape(value: str) -> str | None:
 @dataclass
 class DataConfig:
     dataset: str = option("digits", "a built-in data set (" + ", ".join(BUILTIN_DATASETS) + "; digits is "
-                          "embedded: no download, no data root) or your own as MODULE:ATTR, called as "
+                          "embedded: no download, no data root), a packed data set's URL (s3://..., file://...: "
+                          "dist-train data pack) or your own as MODULE:ATTR, called as "
                           "ATTR(split, **dataset_args) for split train, val and test", kind=str, check=_dataset)
     dataset_args: dict = option({}, "JSON object of keyword arguments for your data set factory", kind="json")
     data_root: str | None = option(None, "folder holding mnist/fashion_mnist/cifar10 files or an image folder",
                                    kind=str, nullable=True)
     download: bool = option(False, "allow torchvision to download mnist/fashion_mnist/cifar10 into --data-root",
                             kind=bool)
+    data_cache: str | None = option(None, "node-local folder keeping verified shards of a packed data set "
+                                     "(--dataset URL), shared by the ranks of a node", kind=str, nullable=True)
+    data_cache_limit: str | None = option(None, "most bytes the data cache may hold (bytes or KiB/MiB/GiB); "
+                                          "least recently used shards are evicted", kind=str, nullable=True,
+                                          check=_size)
+    shuffle_window: int = option(8, "packed data sets: shards whose samples are shuffled together (the "
+                                 "order's window; a node holds about this many shards)", kind=int, check=positive)
+    allow_data_change: bool = option(False, "resume although the packed data set's manifest changed since "
+                                     "the checkpoint", kind=bool)
     batch_size: int = option(32, "samples per rank per micro-batch", kind=int, check=positive)
     num_workers: int = option(0, "DataLoader worker processes per rank", kind=int, check=non_negative)
     val_fraction: float = option(0.15, "share of the data held out for validation (split by --seed)",

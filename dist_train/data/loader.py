@@ -51,6 +51,13 @@ class IndexedDataset(Dataset):
                 x, y = self.base[real]
         return x, y, index
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, Any, int]]:
+        """A micro-batch at once: a streamed data set first fetches the shards it needs in parallel."""
+        prefetch = getattr(self.base, "prefetch", None)
+        if prefetch is not None:
+            prefetch([real_index(i) for i in indices])
+        return [self[i] for i in indices]
+
 
 def _worker_init(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the main process (it checkpoints); seed numpy and random."""

@@ -27,8 +27,12 @@ for _name in ("mnist", "fashion_mnist", "cifar10"):
 DATASETS.register("image_folder", builtin.image_folder)
 
 
-def build_datasets(cfg: DataConfig, seed: int, factory: Callable | None = None) -> DataBundle:
-    """The job's data: a built-in builder, the user's import path, or (Python API) their callable."""
+def build_datasets(cfg: DataConfig, seed: int, factory: Callable | None = None,
+                   storage_options: dict[str, Any] | None = None) -> DataBundle:
+    """The job's data: a built-in builder, a packed data set's URL, the user's import path, or their callable."""
+    if "://" in cfg.dataset and factory is None:
+        from dist_train.data.packed_bundle import packed_bundle
+        return packed_bundle(cfg, storage_options)
     if factory is not None:
         from dist_train.plugins import qualified_name
         return bundle_from_factory(factory, qualified_name(factory), cfg.dataset_args)

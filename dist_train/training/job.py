@@ -20,6 +20,7 @@ from torch import nn
 from dist_train.checkpoint.manager import CheckpointManager
 from dist_train.config.job import JobConfig, dump_yaml
 from dist_train.data.loader import IndexedDataset
+from dist_train.data.packed_bundle import data_changed
 from dist_train.data.registry import build_datasets
 from dist_train.data.sampler import ResumableDistributedSampler
 from dist_train.determinism import enable_deterministic_algorithms, seed_process
@@ -133,7 +134,8 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
                         "to write it alone")
     checkpoints = CheckpointManager.from_config(cfg.checkpoint, env, writers=writers)
     task = env.on_every_rank(lambda: build_task(code.task if code.task is not None else cfg.train.task))
-    bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset))
+    bundle = env.on_every_rank(lambda: build_datasets(cfg.data, cfg.train.seed, code.dataset,
+                                                              cfg.checkpoint.storage_options))
     spec, factory = env.on_every_rank(lambda: _model_spec(cfg, code, bundle.shape()))
     if cfg.model.freeze_backbone and not cfg.model.pretrained_weights and env.is_rank0:
         log.warning("--freeze-backbone without --pretrained-weights: the frozen base keeps its random "
@@ -150,8 +152,10 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     scheduler = build_scheduler(optimizer, cfg.optim, stream.steps if stream else
                                 total_steps(cfg, len(bundle.train), env.world_size))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and env.device.type == "cuda")
-    sampler = stream.order if stream else ResumableDistributedSampler(len(bundle.train), cfg.data.batch_size,
-                                                                      env.world_size, env.rank, cfg.train.seed)
+    sampler = stream.order if stream else ResumableDistributedSampler(
+        len(bundle.train), cfg.data.batch_size, env.world_size, env.rank, cfg.train.seed,
+        shard_sizes=getattr(bundle.train, "shard_sizes", None), window=cfg.data.shuffle_window,
+        allow_data_change=cfg.data.allow_data_change)
     progress = Progress()
     parts = ModelParts(module, model, spec, task)
     optim = OptimParts(optimizer, scheduler, scaler)
@@ -161,7 +165,8 @@ def build(cfg: JobConfig, env: DistEnv, code: UserCode) -> Job:
     state = checkpoint_state(model, optimizer, TrainerState(progress, sampler, scheduler, scaler), extras)
     restore_began = time.time()
     step = checkpoints.restore(state, source=cfg.checkpoint.resume,
-                               check=lambda manifest: _model_mismatch(manifest, spec))
+                               check=lambda manifest: _model_mismatch(manifest, spec)
+                               or data_changed(manifest, bundle, cfg.data.allow_data_change))
     job.timings["restore"] = (restore_began, time.time(), step)
     job.resumed = step is not None
     if job.resumed and not checkpoints.restored_rng:

@@ -13,7 +13,8 @@ import pytest
 from conftest import run_cli
 
 KEYS = ("stall_ratio", "save_efficiency", "s3_efficiency", "trainer_overhead", "ddp_scaling", "resume_ratio",
-        "checkpoint_overhead", "async_thread_vs_process", "load_ratio", "load_ratio_old_path", "restart_load_ratio")
+        "checkpoint_overhead", "async_thread_vs_process", "load_ratio", "load_ratio_old_path", "restart_load_ratio",
+        "restore_vs_dcp", "restore_bytes_ratio", "restore_scaling", "restore_sha256_ratio")
 
 
 @pytest.mark.integration

@@ -312,3 +312,25 @@ def test_sizes_urls_and_bad_input(tmp_path, capsys, digits_pack):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_the_header_walk_finds_what_tarfile_finds_and_falls_back_for_pax():
+    import io
+    import tarfile
+
+    from dist_train.data.packed import shards as sh
+
+    builder = sh.ShardBuilder()
+    for i in range(50):
+        builder.add(f"{i:09d}", {"png": bytes([i]) * (i * 37 + 1), "cls": str(i % 10).encode()})
+    data = builder.finish()
+    assert sh.read_members(data) == sh._read_members_tarfile(data)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(3):  # a name over 100 characters needs a pax header
+            info = tarfile.TarInfo("d" * 120 + f"/{i:05d}.cls")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"7"))
+    data = buffer.getvalue()
+    members = sh.read_members(data)
+    assert len(members) == 3 and all(data[o:o + n] == b"7" for m in members for o, n in m.values())

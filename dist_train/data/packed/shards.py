@@ -72,7 +72,43 @@ class ShardBuilder:
 
 
 def read_members(data: bytes) -> list[dict[str, tuple[int, int]]]:
-    """The samples of a shard, in order: for each, ext -> (data offset, size) into `data`."""
+    """The samples of a shard, in order: for each, ext -> (data offset, size) into `data`.
+
+    Walks the 512-byte ustar headers directly (about 10x faster than `tarfile`, which builds
+    an object per member: the parse was three quarters of a cold shard's read time); a shard
+    with pax or GNU long-name headers, written by another tool, goes through `tarfile`.
+    """
+    samples: list[dict[str, tuple[int, int]]] = []
+    last_key = None
+    view = memoryview(data)
+    offset, end = 0, len(data) - 512
+    while offset <= end:
+        header = view[offset:offset + 512]
+        if header[0] == 0:
+            break
+        kind = header[156]
+        if kind not in (0x30, 0x00, 0x35):  # regular file, old regular file, directory
+            return _read_members_tarfile(data)
+        name = bytes(header[0:100]).split(b"\0", 1)[0]
+        prefix = bytes(header[345:500]).split(b"\0", 1)[0]
+        raw_size = bytes(header[124:136])
+        if raw_size[0] & 0x80:
+            return _read_members_tarfile(data)
+        size = int(raw_size.split(b"\0", 1)[0].strip() or b"0", 8)
+        start = offset + 512
+        if kind != 0x35:
+            full = (prefix + b"/" + name if prefix else name).decode("utf-8")
+            base = full.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key != last_key:
+                samples.append({})
+                last_key = key
+            samples[-1][ext] = (start, size)
+        offset = start + (size + 511) // 512 * 512
+    return samples
+
+
+def _read_members_tarfile(data: bytes) -> list[dict[str, tuple[int, int]]]:
     samples: list[dict[str, tuple[int, int]]] = []
     last_key = None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
