@@ -179,7 +179,8 @@ def final_digest(run_dir: Path) -> str:
 # The files whose tests take longest (minutes of torchrun jobs), longest first: they start first, so
 # the quick files fill the workers at the end instead of one long file running alone.
 LONGEST_FILES = ("test_bench.py", "test_resume.py", "test_user_code.py", "test_examples.py", "test_crash_points.py",
-                 "test_fsdp.py", "test_sharded_checkpoints.py", "test_local_cache.py", "test_checkpoint_store.py")
+                 "test_packed_training.py", "test_fsdp.py", "test_sharded_checkpoints.py", "test_local_cache.py",
+                 "test_checkpoint_store.py")
 
 
 def pytest_collection_modifyitems(config, items):
