@@ -102,6 +102,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def alive(pid: int) -> bool:
+    """Running, as opposed to exited (a zombie waits for whoever adopted it to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun puts its workers in sessions of their own)."""
     found: list[int] = []

@@ -32,6 +32,7 @@ import uuid
 from typing import Callable
 
 from dist_train.bench.measure import Figure, Stopwatch, alternate, log
+from dist_train.bench.s3 import s3_environment
 
 # (images, shard size): the tiny smoke run, --quick, and the full run.
 SIZES = {"tiny": (120, 64 * 1024), "quick": (2000, 512 * 1024), "full": (8000, 2 * 2**20)}
@@ -154,9 +155,6 @@ def seaweed_server(work_dir: str, timeout: float = 60):
     log_file = open(os.path.join(folder, "weed.log"), "w")
     proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-            "AWS_ENDPOINT_URL_S3")
-    saved = {k: os.environ.get(k) for k in keys}
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -171,16 +169,9 @@ def seaweed_server(work_dir: str, timeout: float = 60):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s") from None
                 time.sleep(0.05)
-        os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        yield endpoint
+        with s3_environment(endpoint, access, secret):
+            yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         proc.kill()  # its data is thrown away; a graceful stop takes seconds
         proc.wait()
         log_file.close()

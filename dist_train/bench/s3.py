@@ -42,29 +42,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+             "AWS_ENDPOINT_URL_S3")
+
+
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto S3 server in a child process; yields its endpoint URL and sets throwaway credentials."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
+def s3_environment(endpoint: str, access: str, secret: str) -> Iterator[None]:
+    """This process (and the jobs it starts) pointed at a local S3 server; the caller's AWS variables
+    come back afterwards, so a benchmark never leaks its throwaway server into what runs next."""
+    saved = {k: os.environ.get(k) for k in _AWS_KEYS}
     try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("moto server did not start (is moto[server] installed?)")
-        endpoint = f"http://127.0.0.1:{port}"
-        os.environ.update({"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-                           "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        yield endpoint
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server in a child process; yields its endpoint URL and sets throwaway credentials."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("moto server did not start (is moto[server] installed?)")
+        endpoint = f"http://127.0.0.1:{port}"
+        with s3_environment(endpoint, "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)):
+            yield endpoint
+    finally:
         with contextlib.suppress(Exception):
             proc.stdin.close()
         try:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import PYTHON, REPO, base_env, descendants, final_digest, manifests, wait_for
+from conftest import PYTHON, REPO, alive, base_env, descendants, final_digest, manifests, wait_for
 
 HAND_LOOP = REPO / "tests" / "support" / "hand_loop.py"
 LOOP_FLAGS = ["--steps", "120", "--batch-size", "8", "--save-every", "10", "--workers", "1"]
@@ -54,14 +54,6 @@ def test_a_sigkilled_hand_written_loop_with_a_dataloader_resumes_bit_exactly(tmp
     assert final_digest(killed) == final_digest(whole)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -87,10 +79,10 @@ def test_hand_written_loop_workers_stop_when_their_torchrun_agent_is_killed(tmp_
         assert len(workers) == 2, workers
         agent.send_signal(signal.SIGKILL)  # the agent only: its workers live in sessions of their own
         agent.wait(timeout=10)
-        wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=90, what="every worker to exit")
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=90, what="every worker to exit")
     finally:
         for pid in workers:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if agent.poll() is None:
             agent.kill()

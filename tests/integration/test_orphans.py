@@ -20,21 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, descendants, run_forked, wait_for
+from conftest import PYTHON, REPO, alive, base_env, descendants, run_forked, wait_for
 
 HOOKED_CLI = REPO / "tests" / "support" / "hooked_cli.py"
 # The save at step 3 holds at its last data file: model and optimizer files are written, no manifest yet.
 PAUSE_AT = "write:*ckpt-g0001-s0000000003*/trainer.safetensors"
 GONE_MESSAGE = "the torchrun agent (pid"
-
-
-def _alive(pid: int) -> bool:
-    """Running, as opposed to exited (a zombie waits for whoever adopted it to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _is_worker(pid: int) -> bool:
@@ -68,10 +59,10 @@ def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
         agent.send_signal(signal.SIGKILL)  # the agent only: its workers live in sessions of their own
         agent.wait(timeout=10)
         release.with_name(f"{release.name}.0").touch()  # the save in progress may finish now
-        wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=90, what="every worker to exit")
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=90, what="every worker to exit")
     finally:
         for pid in [agent.pid, *workers]:
-            if (pid == agent.pid or _is_worker(pid)) and _alive(pid):
+            if (pid == agent.pid or _is_worker(pid)) and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         agent.wait(timeout=10)
     output = log_path.read_text()
