@@ -1,15 +1,24 @@
-"""The node-local tier: a copy of the newest committed checkpoint on fast local storage.
+"""The node-local tier: a copy of the newest checkpoints on every node's fast local storage.
 
 `--local-cache DIR` (a path on `/dev/shm` or a local NVMe disk) keeps, beside the durable
-run dir, the newest committed checkpoint(s) under the same manifest, written from the
-same in-memory buffers right after the durable commit (no second serialization). The
-durable run dir stays the only commit point: on resume a cached copy is used only when
-its manifest is byte-identical to the checkpoint the run dir's resolver chose, it
-belongs to this run dir, and its files verify while being read; otherwise it is ignored
-with one line and removed. Every rank of a node reads from that node's cache; the
-ranks still agree on one checkpoint as always.
+run dir, a copy of the newest checkpoint(s) on every node, so a restart of a multi-node
+job reads nothing from the run dir on any node:
 
-Layout: `DIR/run.json` (the run dir it belongs to), `DIR/<checkpoint name>/...`.
+- global rank 0 writes its node's copy from the buffers it just committed, right after
+  the durable commit (no second serialization);
+- the local rank 0 of every other node writes the same files from the replica it holds
+  (DDP: every rank holds the same model and optimizer; the RNG states of every rank are
+  gathered to the node leaders too) when the checkpoint is taken; whether rank 0's commit
+  succeeded is not known there yet, so those nodes keep one copy more (`spare`).
+
+No cached copy is trusted for what it claims: the durable run dir stays the only commit
+point and its manifest the only authority. On resume a copy is used only when it belongs
+to this run dir, holds the checkpoint the run dir's resolver chose, every file has the
+size that manifest records, and every byte verifies against that manifest while being
+read; otherwise it is ignored with one line and removed. Every rank of a node reads from
+that node's cache; the ranks still agree on one checkpoint as always.
+
+Layout: `DIR/run.json` (the run dir it belongs to), `DIR/<checkpoint name>/<files>`.
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ class LocalCache:
 
     # -- writing (rank 0, after the durable commit) --------------------------------------------
 
-    def store(self, name: str, manifest: dict[str, Any], files: dict[str, Any]) -> None:
-        """Write `files` and the committed manifest under `name`; never fails the job."""
+    def store(self, name: str, files: dict[str, Any], spare: int = 0) -> None:
+        """Write `files` under `name` and keep the newest `keep + spare` copies; never fails the job."""
         staging = os.path.join(self.folder, f".staging-{name}-{uuid.uuid4().hex[:8]}")
         try:
             self._claim()
@@ -46,12 +55,11 @@ class LocalCache:
             storage.makedirs("")
             for rel, content in files.items():
                 storage.write(rel, _chunks(content), _size(content))
-            storage.write_bytes(mf.MANIFEST, mf.encode(manifest))
             target = os.path.join(self.folder, name)
             if os.path.exists(target):
                 shutil.rmtree(target, ignore_errors=True)
             os.rename(staging, target)
-            self._prune(keep_newest=name)
+            self._prune(keep_newest=name, keep=self.keep + spare)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: never stop training for it
             shutil.rmtree(staging, ignore_errors=True)
             log.warning("local cache %s: could not keep %s (%s)", self.folder, name, describe_error(exc))
@@ -67,16 +75,20 @@ class LocalCache:
             with open(os.path.join(self.folder, OWNER), "w", encoding="utf-8") as handle:
                 json.dump({"run_dir": self.run_url}, handle)
 
-    def _prune(self, keep_newest: str) -> None:
+    def _prune(self, keep_newest: str, keep: int) -> None:
         names = sorted(n for n in os.listdir(self.folder) if n.startswith("ckpt-"))
-        doomed = [n for n in names if n != keep_newest][: max(0, len(names) - self.keep)]
+        doomed = [n for n in names if n != keep_newest][: max(0, len(names) - keep)]
         for stale in doomed + [n for n in os.listdir(self.folder) if n.startswith(".staging-")]:
             shutil.rmtree(os.path.join(self.folder, stale), ignore_errors=True)
 
     # -- reading (every rank of the node, on resume) ---------------------------------------------
 
-    def lookup(self, name: str, manifest: dict[str, Any]) -> Storage | None:
-        """The cached copy of checkpoint `name` when it is exactly the durable one, else None (and gone)."""
+    def lookup(self, name: str, manifest: dict[str, Any], files: list[str] | None = None) -> Storage | None:
+        """The cached copy of checkpoint `name` holding `files` (default: all) at the durable manifest's sizes.
+
+        None (with one line; a copy that cannot be the durable one is removed) otherwise. The
+        caller verifies every byte it reads against `manifest`.
+        """
         path = os.path.join(self.folder, name)
         held = sorted(n for n in os.listdir(self.folder) if n.startswith("ckpt-")) if os.path.isdir(self.folder) else []
         if not held:
@@ -89,15 +101,17 @@ class LocalCache:
             log.warning("local cache %s: ignored, it holds %s but the run dir's newest valid checkpoint is %s",
                         self.folder, held[-1], name)
             return None
-        try:
-            with open(os.path.join(path, mf.MANIFEST), "rb") as handle:
-                cached = handle.read()
-        except OSError:
-            cached = b""
-        if cached != mf.encode(manifest):
-            log.warning("local cache %s: ignored %s, its manifest differs from the run dir's", self.folder, name)
-            self.discard(name)
-            return None
+        entries = manifest.get("files") or {}
+        for rel in files if files is not None else sorted(entries):
+            try:
+                size = os.path.getsize(os.path.join(path, rel)) if mf.safe_relative_name(rel) else None
+            except OSError:
+                size = None
+            if rel not in entries or size != int(entries[rel]["size"]):
+                log.warning("local cache %s: ignored %s, its %s %s", self.folder, name, rel,
+                            "is missing" if size is None else "differs in size from the run dir's")
+                self.discard(name)
+                return None
         return Storage(path)
 
     def discard(self, name: str) -> None:

@@ -235,7 +235,9 @@ class CheckpointManager:
                             "(--checkpoint-writers all) restarts read the run dir")
                 self.cache = None
         self._saver = Checkpointer(env, self.storage, writer, self.policy, self.async_save,
-                                   self.max_consecutive_failures, self._committed, commit)
+                                   self.max_consecutive_failures, self._committed, commit,
+                                   node_copy=self._node_copy if self._leads_a_cached_node() else None,
+                                   rng_everywhere=self._caches_every_node())
         if self._resumed_step is not None:
             self._saver.mark_committed(self._resumed_step)
         return self.generation
@@ -309,9 +311,22 @@ class CheckpointManager:
         """Call `listener(committed)` on rank 0 after each commit (from the writer thread when async)."""
         self._listeners.append(listener)
 
+    def _caches_every_node(self) -> bool:
+        """A multi-node job whose checkpoints rank 0 writes whole: every node keeps its own cached copy."""
+        return self.cache is not None and self.writers == "rank0" and self.env.local_world_size < self.env.world_size
+
+    def _leads_a_cached_node(self) -> bool:
+        return self._caches_every_node() and self.env.local_rank == 0 and not self.env.is_rank0
+
+    def _node_copy(self, snap: Snapshot) -> None:
+        """This node's cached copy, from this rank's replica (the commit may still be in flight: one spare)."""
+        from dist_train.checkpoint.catalog import checkpoint_name
+
+        self.cache.store(checkpoint_name(self.generation, snap.step), snap.files(), spare=1)
+
     def _committed(self, committed: Committed, snap: Snapshot) -> None:
         if self.cache is not None:
-            self.cache.store(committed.name, committed.manifest, snap.files())
+            self.cache.store(committed.name, snap.files())
         for listener in list(self._listeners):
             listener(committed)
 

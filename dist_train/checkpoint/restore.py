@@ -162,6 +162,7 @@ def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payl
             return None
         url, manifest = candidate
         problem, payload = None, None
+        mgr.restored_from_cache = False
         try:
             payload = None if mgr._resharding(manifest) else read_cached(mgr, url, manifest)
             folder = Storage(url, mgr.options)
@@ -175,8 +176,14 @@ def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payl
             problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
             problem = f"unreadable ({describe_error(exc)})"
-        problems = [p for p in env.all_gather_objects(problem) if p]
+        verdicts = env.all_gather_objects((problem, mgr.restored_from_cache))
+        problems = [p for p, _ in verdicts if p]
         if not problems:
+            if mgr.cache is not None and env.world_size > 1:
+                cached = [rank for rank, (_, hit) in enumerate(verdicts) if hit]
+                log.info("local cache: %s", "every rank read its node's copy" if len(cached) == env.world_size
+                         else f"ranks {cached} read their node's copy, the others the run dir" if cached
+                         else "no rank had a copy; read the run dir")
             log.info("resuming from %s (step %d, epoch %d)", url, manifest["step"], manifest["epoch"])
             mgr.resumed_url = url
             return payload
@@ -228,7 +235,7 @@ def read_cached(mgr: "CheckpointManager", url: str, manifest: dict[str, Any]) ->
         log.warning("local cache: ignored %s (%s); reading the run dir", name, describe_error(exc))
         mgr.cache.discard(name)
         return None
-    log.info("resuming from the local cache %s (same manifest as %s)", folder.display_url, url)
+    log.info("resuming from the local cache %s (verified against %s)", folder.display_url, url)
     mgr.restored_from_cache = True
     return payload
 

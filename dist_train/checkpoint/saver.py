@@ -42,12 +42,20 @@ class Checkpointer:
     def __init__(self, env: DistEnv, storage: Storage, writer: CheckpointWriter | None, policy: RetentionPolicy,
                  async_mode: bool, max_consecutive_failures: int = 3,
                  on_commit: Callable[[Committed, Snapshot], None] | None = None,
-                 commit: Callable[[Snapshot], Committed] | None = None):
+                 commit: Callable[[Snapshot], Committed] | None = None, *,
+                 node_copy: Callable[[Snapshot], None] | None = None, rng_everywhere: bool = False):
         """`commit`, when given, is a collective commit every rank runs (sharded checkpoints: each
-        rank writes its share); by default rank 0 alone writes `snap.files()` with `writer`."""
+        rank writes its share); by default rank 0 alone writes `snap.files()` with `writer`.
+
+        `node_copy`, on a rank that does not write (another node's local rank 0), takes the same
+        snapshot and hands it to `node_copy` instead of committing it (that node's local cache);
+        `rng_everywhere` (the same on every rank) gathers every rank's RNG state to every rank so
+        such a snapshot is whole."""
         self.env = env
         self.commit = commit
         self.collective = commit is not None
+        self.node_copy = node_copy
+        self.rng_everywhere = rng_everywhere
         self.storage = storage
         self.writer = writer
         self.policy = policy
@@ -60,7 +68,7 @@ class Checkpointer:
         self.last_committed: Committed | None = None
         self.stall_seconds = 0.0  # training-thread time spent in save(), for benchmarks
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer") \
-            if (async_mode and (env.is_rank0 or self.collective)) else None
+            if (async_mode and (env.is_rank0 or self.collective or node_copy)) else None
         self._in_flight: concurrent.futures.Future | None = None
         self._snapshot_ready: threading.Event | None = None  # set once the deferred snapshot copy is done
         self._val_losses: dict[str, float | None] = {}
@@ -82,8 +90,9 @@ class Checkpointer:
             return
         self.last_step = step
         started = time.perf_counter()
-        rng_states = self.env.gather_objects(capture_rng_state())
-        if self.env.is_rank0 or self.collective:
+        rng = capture_rng_state()
+        rng_states = self.env.all_gather_objects(rng) if self.rng_everywhere else self.env.gather_objects(rng)
+        if self.env.is_rank0 or self.collective or self.node_copy:
             self._wait_in_flight()
             snap = snapshot(rng_states, self.async_mode)
             snap.fields["reason"] = reason
@@ -141,6 +150,9 @@ class Checkpointer:
             self._in_flight = None
 
     def _write(self, snap: Snapshot, ready: threading.Event | None = None) -> None:
+        if self.writer is None and self.node_copy is not None:
+            self._copy_for_node(snap, ready)
+            return
         assert self.writer is not None
         started = time.perf_counter()
         try:
@@ -182,6 +194,21 @@ class Checkpointer:
         if self.on_commit:
             self.on_commit(committed, snap)
         self._apply_retention()
+
+    def _copy_for_node(self, snap: Snapshot, ready: threading.Event | None) -> None:
+        """A node leader's copy of the snapshot (its local cache); never fails the job."""
+        try:
+            try:
+                if snap.fill is not None:
+                    snap.fill()
+            finally:
+                if ready is not None:
+                    ready.set()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.node_copy(snap)
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
+            log.warning("local cache: no copy of step %d on this node (%s)", snap.step, describe_error(exc))
 
     def _apply_retention(self) -> None:
         if not self.policy.active:

@@ -47,6 +47,11 @@ class DistEnv:
         return self.rank == 0
 
     @property
+    def local_world_size(self) -> int:
+        """Ranks on this node (torchrun's LOCAL_WORLD_SIZE); fewer than `world_size` in a multi-node job."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.distributed else 1
+
+    @property
     def distributed(self) -> bool:
         return self.backend is not None
 

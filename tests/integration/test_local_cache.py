@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, base_env, descendants, kill_group, manifests, run_forked, run_torchrun, wait_for
+from conftest import (PYTHON, REPO, base_env, descendants, free_port, kill_group, manifests, run_forked,
+                      run_torchrun, wait_for)
 from support.fault_proxy import FaultProxy
 
 JOB = ["train", "--epochs", "2", "--max-steps", "36", "--checkpoint-every", "6", "--batch-size", "32",
@@ -141,3 +142,48 @@ def test_a_cache_that_is_not_the_newest_durable_checkpoint_is_ignored(cached_run
     assert len(lines) >= 1 and says in lines[0], log[-3000:]
     assert "resuming from the local cache" not in log
     assert f"resuming from {run_dir}/ckpt-g0001-s0000000012" in log
+
+
+def _two_nodes(tmp_path: Path, phase: str, env: dict[str, str], args: list[str]) -> list[str]:
+    """Both "nodes" of a 2-node job (c10d rendezvous on loopback, one rank each) to the end; their logs."""
+    common = {"DIST_TRAIN": f"{PYTHON} -m dist_train", "RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(free_port()),
+              "RDZV_ID": uuid.uuid4().hex[:8], "NNODES": "2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "0",
+              "LOCAL_ADDR": "127.0.0.1"}
+    nodes, paths = [], [tmp_path / f"{phase}-node{index}.log" for index in (0, 1)]
+    try:
+        for index in (0, 1):
+            node_args = [*args, "--local-cache", str(tmp_path / f"cache-node{index}")]
+            with open(paths[index], "w") as log:
+                nodes.append(subprocess.Popen(["bash", str(REPO / "launch" / "multi-node.sh"), *node_args],
+                                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                              env=base_env(dict(env, **common, NODE_RANK=str(index)))))
+        statuses = [node.wait(timeout=200) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
+    logs = [path.read_text() for path in paths]
+    assert statuses == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+@pytest.mark.timeout(480)
+def test_a_restart_of_two_nodes_reads_no_checkpoint_data_from_the_store(tmp_path, s3_env, s3_bucket):
+    """Every node keeps its own copy: node 1's from its own replica, verified against the durable manifest."""
+    prefix = f"nodes-{uuid.uuid4().hex[:6]}"
+    job = ["--run-dir", f"s3://{s3_bucket}/{prefix}", "--checkpoint-every", "6", "--batch-size", "32",
+           "--deterministic", "--no-progress", "--log-every", "6", "--epochs", "2"]
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
+        env = dict(s3_env, AWS_ENDPOINT_URL=proxy.url)
+        _two_nodes(tmp_path, "first", env, [*job, "--max-steps", "12"])
+        for index in (0, 1):  # each node holds the newest checkpoint, written by its own local rank 0
+            assert (tmp_path / f"cache-node{index}" / "ckpt-g0001-s0000000012" / "model.safetensors").is_file()
+        proxy.log.clear()
+        logs = _two_nodes(tmp_path, "restart", env, [*job, "--max-steps", "18"])
+        after_restart = list(proxy.log)
+    assert "local cache: every rank read its node's copy" in logs[0], logs[0][-3000:]
+    for log in logs:
+        assert not [line for line in log.splitlines() if "local cache" in line and "WARNING" in line], log[-3000:]
+    data_gets = [path for method, path, _ in after_restart
+                 if method == "GET" and re.search(r"/ckpt-[^/]+/[^/]+\.safetensors", path)]
+    assert not data_gets, f"the restart read checkpoint data from the store: {data_gets[:5]}"
+    assert (tmp_path / "cache-node1" / "ckpt-g0002-s0000000018").is_dir()
