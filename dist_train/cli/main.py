@@ -20,6 +20,9 @@ import sys
 from dist_train.cli.parsing import Parser, subparsers
 from dist_train.errors import EXIT_BAD_INPUT, LocalUserError, UserError, exit_now
 
+# The process that started this one, read before anything slow is imported: a torchrun agent killed
+# while its workers still import torch (seconds) is gone by the time the agent watch starts.
+LAUNCHER_PID = os.getppid()
 COMMANDS = ("train", "ckpt", "predict", "evaluate", "export", "report", "bench", "launch", "data")
 # 128 + SIGPIPE: stdout was a pipe whose reader left.
 EXIT_BROKEN_PIPE = 141
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "RANK" in os.environ:  # a torchrun worker (checked there): stop when the agent that started it dies
         from dist_train.distributed.env import stop_with_agent
-        stop_with_agent()
+        stop_with_agent(agent=LAUNCHER_PID)
     try:
         code = _command(argv)
         sys.stdout.flush()  # a pipe that closed early shows up here at the latest

@@ -128,7 +128,7 @@ def torchrun_launched() -> bool:
 _AGENT_WATCHED = False
 
 
-def stop_with_agent(poll_s: float = 0.5) -> None:
+def stop_with_agent(poll_s: float = 0.5, agent: int | None = None) -> None:
     """A worker whose torchrun agent died stops as if preempted (SIGTERM to itself).
 
     torchrun starts every worker in a session of its own, so an agent killed with SIGKILL (OOM
@@ -141,6 +141,9 @@ def stop_with_agent(poll_s: float = 0.5) -> None:
     short-lived thread would stop healthy workers) and is Linux-only; torch's DataLoader workers
     watch their parent the same way. Only under torch's elastic agent (`TORCHELASTIC_RUN_ID`):
     workers started by hand with RANK/WORLD_SIZE may legitimately outlive a launching shell.
+
+    `agent`: the parent pid as the process saw it first (the CLI reads it before importing torch),
+    so an agent killed during the worker's start-up is noticed too; default: the parent now.
     """
     global _AGENT_WATCHED
     if not torchrun_launched() or "TORCHELASTIC_RUN_ID" not in os.environ or _AGENT_WATCHED:
@@ -150,7 +153,7 @@ def stop_with_agent(poll_s: float = 0.5) -> None:
     import threading
     import time
 
-    agent = os.getppid()
+    agent = os.getppid() if agent is None else agent
 
     def watch() -> None:
         while os.getppid() == agent:

@@ -77,3 +77,38 @@ def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
     assert 3 in steps, steps  # the save that was in progress when the agent died was finished...
     newest = listed[-1]
     assert newest["save_reason"] == "preempted" and newest["step"] > 3, listed  # ...then the preemption path
+
+
+def _imports_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_workers_stop_when_the_agent_is_killed_while_they_start(tmp_path):
+    """Killed while its workers still import torch: they must notice, not wait on its dead store."""
+    log_path = tmp_path / "job.log"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(HOOKED_CLI),
+           "train", "--run-dir", str(tmp_path / "run"), "--max-steps", "5", "--no-progress"]
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=base_env(), cwd=REPO,
+                                 start_new_session=True)
+    workers: list[int] = []
+    try:
+        def importing() -> bool:  # both workers are loading torch: the agent watch has not started yet
+            workers[:] = [pid for pid in descendants(agent.pid) if _is_worker(pid)]
+            return len(workers) == 2 and all(_imports_torch(pid) for pid in workers) or agent.poll() is not None
+        wait_for(importing, timeout=60, interval=0.01, what="both workers to start importing torch")
+        assert agent.poll() is None, log_path.read_text()[-3000:]
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=10)
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=60, what="every worker to exit")
+    finally:
+        for pid in [agent.pid, *workers]:
+            if (pid == agent.pid or _is_worker(pid)) and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        agent.wait(timeout=10)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("ckpt-*"))
