@@ -156,15 +156,8 @@ class Checkpointer:
         assert self.writer is not None
         started = time.perf_counter()
         try:
-            try:
-                if snap.fill is not None:
-                    snap.fill()
-            finally:
-                if ready is not None:
-                    ready.set()
+            _complete(snap, ready)
             fields = dict(snap.fields)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # pinned non_blocking copies must have landed
             if self.commit is not None:
                 committed = self.commit(snap)
             else:
@@ -198,14 +191,7 @@ class Checkpointer:
     def _copy_for_node(self, snap: Snapshot, ready: threading.Event | None) -> None:
         """A node leader's copy of the snapshot (its local cache); never fails the job."""
         try:
-            try:
-                if snap.fill is not None:
-                    snap.fill()
-            finally:
-                if ready is not None:
-                    ready.set()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            _complete(snap, ready)
             self.node_copy(snap)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
             log.warning("local cache: no copy of step %d on this node (%s)", snap.step, describe_error(exc))
@@ -240,3 +226,15 @@ class Checkpointer:
 
     def _val_loss(self, ref: CheckpointRef) -> float | None:
         return self._val_losses.get(ref.name)
+
+
+def _complete(snap: Snapshot, ready: threading.Event | None) -> None:
+    """Finish the snapshot's deferred copies (then the training thread may update again: `ready`)."""
+    try:
+        if snap.fill is not None:
+            snap.fill()
+    finally:
+        if ready is not None:
+            ready.set()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # pinned non_blocking copies must have landed

@@ -35,6 +35,14 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
+def _reap(agent: subprocess.Popen, workers: list[int]) -> None:
+    """Whatever a failed test left alive (pids checked again: one may have been reused)."""
+    for pid in [agent.pid, *workers]:
+        if (pid == agent.pid or _is_worker(pid)) and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    agent.wait(timeout=10)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
@@ -61,10 +69,7 @@ def test_workers_stop_when_the_agent_is_killed_during_a_save(tmp_path):
         release.with_name(f"{release.name}.0").touch()  # the save in progress may finish now
         wait_for(lambda: not any(alive(pid) for pid in workers), timeout=90, what="every worker to exit")
     finally:
-        for pid in [agent.pid, *workers]:
-            if (pid == agent.pid or _is_worker(pid)) and alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        agent.wait(timeout=10)
+        _reap(agent, workers)
     output = log_path.read_text()
     # each worker stops: by its own watch, or by its peer's preemption vote, whichever comes first
     assert output.count(GONE_MESSAGE) >= 1 and "Traceback" not in output, output[-3000:]
@@ -107,8 +112,5 @@ def test_workers_stop_when_the_agent_is_killed_while_they_start(tmp_path):
         agent.wait(timeout=10)
         wait_for(lambda: not any(alive(pid) for pid in workers), timeout=60, what="every worker to exit")
     finally:
-        for pid in [agent.pid, *workers]:
-            if (pid == agent.pid or _is_worker(pid)) and alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        agent.wait(timeout=10)
+        _reap(agent, workers)
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("ckpt-*"))
