@@ -66,6 +66,10 @@ POLICY: dict[str, tuple[str, str]] = {
     "keep_every": (APPLIED, "retention follows it from the next commit"),
 }
 
+#: fields that are unset (None) unless given: a resume that leaves one unset keeps the checkpoint's
+#: value (nothing changed, so nothing is warned about); the run logs that it kept it
+KEPT_WHEN_UNSET = {"checkpoint_every", "checkpoint_every_min", "checkpoint_every_max"}
+
 #: fields whose new value the restored optimizer or scheduler must be told about
 _OPTIMIZER_FIELDS = {"lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum"}
 _SCHEDULE_FIELDS = {"lr", "lr_schedule", "warmup_steps", "lr_step_size", "lr_gamma", "epochs", "max_steps",
@@ -107,7 +111,12 @@ def reconcile(cfg: JobConfig, manifest: dict[str, Any] | None, optimizer, schedu
                         f"has {mine!r}; it cannot continue that way ({treatment(key)[1]}): pass {theirs!r} again, "
                         "or train into a new --run-dir (from this checkpoint with --resume URL: see "
                         "docs/configuration.md)")
-    said = []
+    said, kept = [], []
+    for key in [k for k in changed if k in KEPT_WHEN_UNSET and changed[k][1] is None]:
+        theirs, _ = changed.pop(key)
+        setattr(getattr(cfg, FIELDS[key][0]), key, theirs)
+        kept.append(f"{flag_name(key)} not given on resume: keeping the checkpoint's {theirs!r} "
+                    f"(pass {flag_name(key)} to change it)")
     for key, (theirs, mine) in changed.items():
         kind, why = treatment(key)
         if kind == CHECKPOINT:
@@ -119,9 +128,11 @@ def reconcile(cfg: JobConfig, manifest: dict[str, Any] | None, optimizer, schedu
     if any(k in changed for k in _OPTIMIZER_FIELDS) or any(k in changed for k in _SCHEDULE_FIELDS):
         _apply_optimizer(cfg, optimizer, scheduler, changed)
     if is_rank0:
+        for line in kept:
+            log.info("%s", line)
         for line in said:
             log.warning("%s", line)
-    return said
+    return kept + said
 
 
 def _apply_optimizer(cfg: JobConfig, optimizer, scheduler, changed: dict) -> None:

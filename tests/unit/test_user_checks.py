@@ -219,6 +219,30 @@ def test_incompatible_flags_are_refused_and_the_checkpoints_value_wins_where_it_
     assert cfg.model.pretrained_weights is None  # config.yaml says what was used
 
 
+def test_checkpoint_every_left_unset_on_resume_keeps_the_saved_value_without_a_changed_warning(caplog):
+    from dist_train.config.job import FIELDS
+    from dist_train.training.resume_flags import reconcile
+    old_cfg, optimizer, scheduler, _, _ = _optim(0.003)
+    section = FIELDS["checkpoint_every"][0]
+    setattr(getattr(old_cfg, section), "checkpoint_every", "3")
+    cfg = JobConfig()
+    cfg.optim.lr = 0.003
+    assert getattr(cfg, section).checkpoint_every is None  # the flag was not given
+    with caplog.at_level("INFO", logger="dist_train.training.resume_flags"):
+        said = reconcile(cfg, {"config": old_cfg.to_dict()}, optimizer, scheduler, True)
+    assert said == ["--checkpoint-every not given on resume: keeping the checkpoint's '3' "
+                    "(pass --checkpoint-every to change it)"]
+    assert not any("changed" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert getattr(cfg, section).checkpoint_every == "3"  # in force, and config.yaml says so
+    cfg2 = JobConfig()  # a value that is given is a change, and is applied
+    cfg2.optim.lr = 0.003
+    setattr(getattr(cfg2, section), "checkpoint_every", "5")
+    said = reconcile(cfg2, {"config": old_cfg.to_dict()}, optimizer, scheduler, True)
+    assert said == ["--checkpoint-every changed on resume: '3' -> '5' (the next checkpoints follow it)"]
+    assert getattr(cfg2, section).checkpoint_every == "5"
+
+
 def test_the_resume_table_in_the_docs_is_the_policy():
     from dist_train.training.resume_flags import POLICY
     text = (REPO / "docs" / "configuration.md").read_text()

@@ -79,10 +79,10 @@ class NodeCache:
     def _store(self, sha256: str, data: bytes) -> None:
         tmp = os.path.join(self.folder, f".tmp-{sha256[:16]}-{uuid.uuid4().hex[:8]}")
         try:
+            # No fsync: every use re-checks the file's size and sha256, so a file a power loss tore
+            # is found and fetched again; syncing each shard only made a cold epoch wait for the disk.
             with open(tmp, "wb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.rename(tmp, self._path(sha256))
         except OSError as exc:  # a full disk: the cache is an optimisation, the bytes are still good
             log.warning("data cache %s: could not keep a shard (%s)", self.folder, exc)
