@@ -63,7 +63,7 @@ class RestartBench:
         self.manifest = manager.last_committed.manifest
         self.name = manager.last_committed.name
         self.nbytes = sum(entry["size"] for entry in self.manifest["files"].values())
-        if not os.path.isfile(os.path.join(self.cache_dir, self.name, "manifest.json")):
+        if not os.path.isfile(os.path.join(self.cache_dir, self.name, "model.safetensors")):
             raise RuntimeError(f"the local cache {self.cache_dir} did not keep {self.name}")
         del state, manager
 

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                      checkpoint_id=storage.local_path(f"dcp-{step[0]}"))
 
         sides = {"rank0": rank0, "all": sharded(ddp_model, ddp_opt), "fsdp": sharded(fsdp_model, fsdp_opt)}
-        if args.dcp and storage.atomic_rename:
+        if args.dcp and storage.is_local:  # torch's DCP writes to a local path
             sides["dcp"] = dcp_save
         names = list(sides)
         for side in names:  # warm-up
@@ -229,10 +228,7 @@ def _clean_all(env, storage) -> None:
     if env.is_rank0:
         for entry in storage.list(""):
             with contextlib.suppress(Exception):
-                if storage.atomic_rename:
-                    shutil.rmtree(storage.local_path(entry.name), ignore_errors=True)
-                else:
-                    storage.delete_tree(entry.name)
+                storage.delete_tree(entry.name)
     env.barrier()
 
 

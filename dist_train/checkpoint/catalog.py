@@ -24,10 +24,9 @@ from typing import Any, Iterable
 from dist_train.checkpoint import digest
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.faults import describe_error
-from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.storage import STAGING_PREFIX, Storage
 
 _NAME = re.compile(r"^ckpt-g(\d{4,9})-s(\d{10,12})$")
-STAGING_PREFIX = ".staging-"
 READ_BLOCK = 16 * 2**20
 MARKS = "_invalid"  # run-dir folder of the marks of checkpoints found corrupt at resume
 

@@ -90,21 +90,20 @@ def convert(checkpoint_url: str, out_url: str, storage_options: dict | None = No
     parent = Storage(parent_url, storage_options)
     if parent.exists(name):
         raise UserError(f"{parent.url(name)} exists already; choose another --out")
-    target = f".{name}.partial-{uuid.uuid4().hex[:8]}" if parent.atomic_rename else name
+    target = parent.stage(name, uuid.uuid4().hex[:8])  # locally a hidden sibling, renamed once it checks out
     parent.makedirs("")
     try:
         parent.write(target, chunks(), size)
         if digest.hexdigest() != manifest["model_digest"]:
             raise UserError(f"{folder.display_url}: the consolidated weights do not match the manifest's "
                             "model_digest")
-        if target != name:
-            parent.rename(target, name)
     except BaseException:
         try:
-            parent.delete(target)
+            parent.discard_staged(target)
         except Exception as exc:  # noqa: BLE001 - the original error matters more
             log.warning("could not remove %s: %s", parent.url(target), exc)
         raise
+    parent.publish(target, name)  # removes the staged copy itself if this fails
     return Converted(parent.url(name), len(keys), size, digest.hexdigest())
 
 

@@ -26,13 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from typing import Any
 
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint.faults import describe_error
-from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.storage import STAGING_PREFIX, Storage
 
 log = logging.getLogger(__name__)
 OWNER = "run.json"
@@ -43,43 +42,46 @@ class LocalCache:
         self.folder = os.path.abspath(folder)
         self.run_url = run_url
         self.keep = max(1, keep)
+        self.storage = Storage(self.folder)
 
     # -- writing (rank 0, after the durable commit) --------------------------------------------
 
     def store(self, name: str, files: dict[str, Any], spare: int = 0) -> None:
-        """Write `files` under `name` and keep the newest `keep + spare` copies; never fails the job."""
-        staging = os.path.join(self.folder, f".staging-{name}-{uuid.uuid4().hex[:8]}")
+        """Write `files` under `name` and keep the newest `keep + spare` copies; never fails the job.
+
+        The storage's publish protocol (staged beside, renamed into place), so a crash mid-write
+        leaves a staging folder the next store removes, never a half copy under `name`.
+        """
+        staged = None
         try:
             self._claim()
-            storage = Storage(staging)
-            storage.makedirs("")
+            staged = self.storage.stage(name, uuid.uuid4().hex[:8], owner=b"cache")
             for rel, content in files.items():
-                storage.write(rel, _chunks(content), _size(content))
-            target = os.path.join(self.folder, name)
-            if os.path.exists(target):
-                shutil.rmtree(target, ignore_errors=True)
-            os.rename(staging, target)
+                self.storage.write(f"{staged}/{rel}", _chunks(content), _size(content))
+            self.storage.delete_tree(name)  # an older copy of the same name (publish will not replace it)
+            self.storage.publish(staged, name)
             self._prune(keep_newest=name, keep=self.keep + spare)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: never stop training for it
-            shutil.rmtree(staging, ignore_errors=True)
+            if staged is not None:
+                self.storage.discard_staged(staged)
             log.warning("local cache %s: could not keep %s (%s)", self.folder, name, describe_error(exc))
 
     def _claim(self) -> None:
-        os.makedirs(self.folder, exist_ok=True)
+        self.storage.makedirs("")
         owner = self._owner()
         if owner != self.run_url:
             if owner is not None:
                 log.warning("local cache %s held checkpoints of another run dir (%s): cleared", self.folder, owner)
             self.clear()
-            os.makedirs(self.folder, exist_ok=True)
-            with open(os.path.join(self.folder, OWNER), "w", encoding="utf-8") as handle:
-                json.dump({"run_dir": self.run_url}, handle)
+            self.storage.makedirs("")
+            self.storage.write_bytes(OWNER, json.dumps({"run_dir": self.run_url}).encode())
 
     def _prune(self, keep_newest: str, keep: int) -> None:
-        names = sorted(n for n in os.listdir(self.folder) if n.startswith("ckpt-"))
+        entries = [entry.name for entry in self.storage.list("")]
+        names = sorted(n for n in entries if n.startswith("ckpt-"))
         doomed = [n for n in names if n != keep_newest][: max(0, len(names) - keep)]
-        for stale in doomed + [n for n in os.listdir(self.folder) if n.startswith(".staging-")]:
-            shutil.rmtree(os.path.join(self.folder, stale), ignore_errors=True)
+        for stale in doomed + [n for n in entries if n.startswith(STAGING_PREFIX)]:
+            self.storage.delete_tree(stale)
 
     # -- reading (every rank of the node, on resume) ---------------------------------------------
 
@@ -115,13 +117,12 @@ class LocalCache:
         return Storage(path)
 
     def discard(self, name: str) -> None:
-        shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+        self.storage.delete_tree(name)
 
     def clear(self) -> None:
         if os.path.isdir(self.folder):
-            for entry in os.listdir(self.folder):
-                target = os.path.join(self.folder, entry)
-                shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.unlink(target)
+            for entry in self.storage.list(""):
+                self.storage.delete_tree(entry.name)
 
     def _owner(self) -> str | None:
         try:

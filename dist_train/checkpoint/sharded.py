@@ -377,7 +377,7 @@ class ShardedSaver:
             files = snap.files()
             if env.is_rank0:
                 files.update(rank0_files or {})
-            if not env.is_rank0 and self.writer.storage.atomic_rename and not self.writer.storage.exists(folder):
+            if not env.is_rank0 and self.writer.storage.is_local and not self.writer.storage.exists(folder):
                 raise ShardedSaveError(f"{self.writer.storage.url(folder)} does not exist on rank {env.rank}: "
                                        "every rank must see the run dir (shared filesystem or object store)")
             table = self.writer.write_part(folder, files)

@@ -6,8 +6,10 @@
 backend is a method of its class, not a branch:
 
 - durability: local files and folders are fsynced; stores are durable once they answer;
-- the commit primitive: local folders can be renamed into place (`atomic_rename`),
-  stores commit with a conditional create instead;
+- the commit primitive (`stage` / `publish` / `discard_staged`): local folders and files are
+  written under a hidden staging name and renamed into place (`atomic_rename`); stores write in
+  place, claim a folder with a conditional create, and commit it with a conditional create of its
+  marker (the manifest). Callers run one protocol; only these methods know which it is;
 - the conditional create: O_EXCL locally, `If-None-Match: *` on S3 (probed once per run
   by `check_conditional_writes`, since some servers ignore it), check-then-write elsewhere;
 - large writes: streamed to disk, multipart uploads on S3; listing refresh and retries.
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[str, str], None]
 PROBE_DIR = "_attempts"  # where the conditional-write probe goes: fencing's folder, claimed anyway
+STAGING_PREFIX = ".staging-"  # staged names: `.staging-<name>-<tag>`, never taken for a checkpoint or a manifest
+CLAIM = ".writer"  # a folder written in place is claimed with this file, holding its owner
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class Storage:
     """
 
     hooks: list[Hook] = []  # fault injection for tests: called as hook(operation, relative path)
-    atomic_rename = False  # folders can be renamed into place (the local commit primitive)
+    atomic_rename = False  # `publish` renames into place (else writes in place); callers use stage/publish
     appendable = False  # `local_path` files can be opened for appending
     retries = True  # transient faults are retried (never on local disk: they are not transient)
 
@@ -226,7 +230,8 @@ class Storage:
             return sorted(names)
         return self._call("list", rel, run, mutating=False)
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, size: int | None = None) -> bytes:
+        """The whole file; `size`, when the caller knows it (a manifest says it), spares a store a lookup."""
         return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)), mutating=False)
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
@@ -335,6 +340,85 @@ class Storage:
             except FileNotFoundError:
                 pass
         self._call("delete_tree", rel, run, mutating=True)
+
+    def remove_empty_folder(self, rel: str) -> None:
+        """Remove the folder `rel` if it is empty (local disk); stores have no folders to leave behind."""
+
+    # -- publishing: one protocol, renamed into place or written in place -----------------
+    #
+    # `stage` says where to write what is to appear as `name`; `publish` makes it appear (the
+    # commit point); `discard_staged` removes what was staged and never published. A crash at any
+    # point leaves either nothing that looks like `name`, or `name` whole: locally the staged
+    # name is hidden until one rename; on a store, a folder's commit is its marker (the manifest),
+    # created last and only if absent, and a file is one PUT.
+
+    def staging_name(self, name: str, tag: str) -> str:
+        """The hidden sibling `name` is staged under: `.staging-<name>-<tag>` in the same folder."""
+        parent, _, base = name.strip("/").rpartition("/")
+        staged = f"{STAGING_PREFIX}{base}-{tag}"
+        return f"{parent}/{staged}" if parent else staged
+
+    def stage(self, name: str, tag: str, owner: bytes | None = None) -> str:
+        """Where to write what is to appear as `name` once `publish`ed (a file; a folder with `owner`).
+
+        A store writes in place: `name` itself. With `owner`, `name` is a folder that only this
+        owner writes into: it is claimed first by creating `name/.writer` (holding `owner`) only if
+        absent, so two writers never interleave objects under one name; FileExistsError when
+        another owner holds it (a retried create that finds its own claim is fine).
+        """
+        if owner is not None:
+            claim = f"{name}/{CLAIM}"
+            if not self.create_exclusive(claim, owner):
+                try:
+                    held = self.read(claim)
+                except FileNotFoundError:
+                    held = None
+                if held != owner:
+                    raise FileExistsError(errno.EEXIST, "being written by another writer", self.url(name))
+        return name
+
+    def publish(self, staged: str, name: str, marker: str | None = None, data: bytes = b"",
+                before: Callable[[], None] | None = None) -> bool:
+        """Make what was written at `staged` appear as `name`: the commit point.
+
+        With `marker` (a folder's manifest), `name/marker` holding `data` is written last and is
+        what makes the folder count. `before` runs just before the commit point (the fence
+        check): when it raises, nothing is published. Returns False when the marker exists
+        already (someone committed `name`, or a retried create whose first answer was lost: the
+        caller reads it to tell which). On failure, what is certainly unpublished is discarded;
+        after the marker's create was sent nothing is removed (it may have landed): the next
+        attempt's clean-up removes a folder that has no marker.
+        """
+        try:
+            if before is not None:
+                before()
+        except BaseException:
+            self._discard_quietly(staged, marker)
+            raise
+        if marker is None:
+            return True  # a file written in place: its PUT was the commit
+        return self.create_exclusive(f"{name}/{marker}", data)
+
+    def discard_staged(self, staged: str, marker: str | None = None) -> None:
+        """Remove what was staged and never published; a folder holding `marker` is someone's
+        committed one and stays. A file staged in place is removed whole."""
+        if marker is None:
+            self.delete(staged)
+            return
+        if self.exists(f"{staged}/{marker}"):
+            return
+        self.delete_tree(staged)
+
+    def _discard_quietly(self, staged: str, marker: str | None) -> None:
+        try:
+            self.discard_staged(staged, marker)
+        except Exception as exc:  # noqa: BLE001 - clean-up must not hide the original error
+            log.warning("could not clean up %s: %s", self.url(staged), describe_error(exc))
+
+    def create_whole(self, rel: str, data: bytes, tag: str) -> bool:
+        """Create `rel` holding `data` only if it does not exist, never visible half-written;
+        False when it existed. A store: one conditional create (a PUT is whole)."""
+        return self.create_exclusive(rel, data)
 
     # -- checks -------------------------------------------------------------------------
 
@@ -500,6 +584,69 @@ class LocalStorage(Storage):
                 os.close(fd)
         self._call("sync_dir", rel, run, mutating=True)
 
+    def remove_empty_folder(self, rel: str) -> None:
+        def run() -> None:
+            try:
+                os.rmdir(self.path(rel))
+            except OSError:
+                pass  # not empty (someone else's files), or gone
+        self._call("rmdir", rel, run, mutating=True)
+
+    def stage(self, name: str, tag: str, owner: bytes | None = None) -> str:
+        """A hidden sibling of `name` (made, for a folder), private to this writer: no claim needed."""
+        staged = self.staging_name(name, tag)
+        if owner is not None:
+            self.makedirs(staged)
+        return staged
+
+    def publish(self, staged: str, name: str, marker: str | None = None, data: bytes = b"",
+                before: Callable[[], None] | None = None) -> bool:
+        """Marker written, every folder of the staged tree fsynced (deepest first), `before`, then
+        one rename into place (FileExistsError when `name` is taken) and the parent fsynced.
+        On any failure before the rename the staged copy is removed; files were fsynced as written."""
+        try:
+            if marker is not None:
+                self.write_bytes(f"{staged}/{marker}", data)
+            if os.path.isdir(self.path(staged)):
+                for sub in self._subfolders(staged):
+                    self.sync_dir(f"{staged}/{sub}")
+                self.sync_dir(staged)
+            if before is not None:
+                before()
+            self.rename(staged, name)
+        except BaseException:
+            self._discard_quietly(staged, marker)
+            raise
+        self.sync_dir(posixpath.dirname(name.strip("/")))
+        return True
+
+    def _subfolders(self, staged: str) -> list[str]:
+        """Folders under `staged` (relative), deepest first: each one's entries are fsynced before its parent's."""
+        root = self.path(staged)
+        found = [os.path.relpath(os.path.join(top, d), root).replace(os.sep, "/")
+                 for top, dirs, _ in os.walk(root) for d in dirs]
+        return sorted(found, key=lambda s: (-s.count("/"), s))
+
+    def discard_staged(self, staged: str, marker: str | None = None) -> None:
+        """A staging name is never a published one (publish renames it away): removed whole, marker
+        or not. Any other name is treated as on a store: a folder holding `marker` stays."""
+        if not posixpath.basename(staged.strip("/")).startswith(STAGING_PREFIX):
+            super().discard_staged(staged, marker)
+        elif os.path.isdir(self.path(staged)):
+            self.delete_tree(staged)
+        else:
+            self.delete(staged)
+
+    def create_whole(self, rel: str, data: bytes, tag: str) -> bool:
+        """Written and fsynced under a staging name, then renamed into place (O_EXCL alone could
+        leave a half-written file behind a crash)."""
+        staged = self.stage(rel, tag)
+        self.write_bytes(staged, data)
+        try:
+            return self.publish(staged, rel)
+        except FileExistsError:
+            return False
+
     def _check_access(self) -> None:
         parent = self.root
         while not os.path.exists(parent):
@@ -524,6 +671,13 @@ class S3Storage(Storage):
 
     def _fs_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         return s3.s3_options(options)
+
+    def read(self, rel: str, size: int | None = None) -> bytes:
+        """One GET when the size is known and small: s3fs's `cat_file` otherwise HEADs the object
+        first (to split a large one into concurrent ranged GETs), a round trip per object."""
+        if size is None or size > self.fs.default_block_size:
+            return super().read(rel)
+        return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel), max_concurrency=1), mutating=False)
 
     def _streams(self, size: int) -> bool:
         return size >= s3.MULTIPART_THRESHOLD

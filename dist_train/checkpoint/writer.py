@@ -1,5 +1,10 @@
 """The commit protocol: data first, manifest last; a crash at any point leaves nothing that looks valid.
 
+One protocol, whatever the backend: `Storage.stage` the folder, write every file into it,
+`Storage.publish` it with the manifest as its marker (the fence checked just before the
+commit point), `Storage.discard_staged` it when anything failed. What differs lives in the
+storage classes (checkpoint/storage.py):
+
 Local disk: stage in `.staging-<name>-<id>` beside the checkpoints (a name no
 listing takes for a checkpoint), write and fsync every file, the manifest last,
 rename the folder into place and fsync the run dir.
@@ -18,20 +23,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.catalog import STAGING_PREFIX, checkpoint_name
+from dist_train.checkpoint.catalog import checkpoint_name
 from dist_train.checkpoint.digest import file_entry
 from dist_train.checkpoint.faults import describe_error
 from dist_train.checkpoint.fencing import AttemptRegistry
 from dist_train.checkpoint.serialization import TensorFile
-from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.storage import CLAIM, STAGING_PREFIX, Storage
 from dist_train.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 
-# On object stores a writer first claims the folder (conditional create), so two writers can never
-# interleave data objects under one name; only the claimant uploads, and the manifest commits.
-CLAIM = ".writer"
+# On object stores a writer first claims the folder (`Storage.stage`: a conditional create of CLAIM),
+# so two writers can never interleave data objects under one name; only the claimant uploads, and
+# the manifest commits.
+__all__ = ["CLAIM", "CheckpointWriter", "Committed", "CommitConflict", "clean_stale"]
 
 
 class CommitConflict(StorageError):
@@ -130,27 +136,19 @@ class CheckpointWriter:
                              f"({exc})") from None
         return manifest
 
-    def _read_claim(self, rel: str) -> str | None:
-        try:
-            return self.storage.read(rel).decode(errors="replace")
-        except FileNotFoundError:
-            return None
-
     def _read_existing(self, rel: str) -> dict[str, Any] | None:
         try:
             return mf.parse(self.storage.read(rel))
         except (FileNotFoundError, mf.ManifestError):
             return None
 
-    def _discard(self, rel: str, keep_manifest: bool = False) -> None:
-        """Best-effort removal of an uncommitted folder; what is left, the next attempt cleans."""
+    def _discard(self, folder: str) -> None:
+        """Best-effort removal of an uncommitted folder (never a committed one); what is left,
+        the next attempt cleans."""
         try:
-            if keep_manifest:
-                if self.storage.exists(f"{rel}/{mf.MANIFEST}"):
-                    return  # someone's committed checkpoint: never touch it
-            self.storage.delete_tree(rel)
+            self.storage.discard_staged(folder, mf.MANIFEST)
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original error
-            log.warning("could not clean up %s: %s", self.storage.url(rel), exc)
+            log.warning("could not clean up %s: %s", self.storage.url(folder), exc)
 
     # -- the protocol in steps: `commit` is begin + write + finish; a sharded checkpoint
     # (dist_train/checkpoint/sharded.py) runs them across ranks: rank 0 `begin`s, every rank
@@ -162,15 +160,10 @@ class CheckpointWriter:
         Local disk: a fresh staging folder. Object stores: the checkpoint's own folder, claimed.
         """
         name = checkpoint_name(self.generation, step)
-        if self.storage.atomic_rename:
-            staging = f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            self.storage.makedirs(staging)
-            return staging
-        claim_rel = f"{name}/{CLAIM}"
-        if not self.storage.create_exclusive(claim_rel, self.writer_id.encode()):
-            if self._read_claim(claim_rel) != self.writer_id:
-                raise CommitConflict(f"{self.storage.url(name)} is being written by another writer")
-        return name
+        try:
+            return self.storage.stage(name, uuid.uuid4().hex[:8], owner=self.writer_id.encode())
+        except FileExistsError:
+            raise CommitConflict(f"{self.storage.url(name)} is being written by another writer") from None
 
     def write_part(self, folder: str, files: dict[str, TensorFile | bytes]) -> dict[str, Any]:
         """Any rank: write and hash `files` into `folder`; their manifest entries (size, sha256)."""
@@ -185,46 +178,25 @@ class CheckpointWriter:
         On failure the folder is discarded (unless the manifest is someone's committed one).
         """
         name = checkpoint_name(self.generation, step)
-        if self.storage.atomic_rename:
-            try:
-                manifest = self._manifest(step, table, fields)
-                self.storage.write_bytes(f"{folder}/{mf.MANIFEST}", mf.encode(manifest))
-                subfolders = {rel.rsplit("/", 1)[0] for rel in table if "/" in rel}
-                for sub in sorted(subfolders, key=lambda s: (-s.count("/"), s)):  # deepest first
-                    self.storage.sync_dir(f"{folder}/{sub}")
-                self.storage.sync_dir(folder)
-                if self.registry:
-                    self.registry.check_current(self.generation)
-                self.storage.rename(folder, name)
-            except BaseException:
-                self._discard(folder)
-                raise
-            self.storage.sync_dir("")
-            return Committed(name, self.storage.url(name), manifest)
-        manifest_rel = f"{name}/{mf.MANIFEST}"
-        attempted_manifest = False
         try:
             manifest = self._manifest(step, table, fields)
-            if self.registry:
-                self.registry.check_current(self.generation)
-            attempted_manifest = True
-            if not self.storage.create_exclusive(manifest_rel, mf.encode(manifest)):
-                existing = self._read_existing(manifest_rel)
-                if existing is None or existing.get("writer_id") != self.writer_id or \
-                        existing.get("files") != table:
-                    attempted_manifest = False
-                    raise CommitConflict(f"{self.storage.url(name)} was committed by another writer")
-                log.info("manifest create was retried after it had succeeded; %s is ours", name)
-                manifest = existing
         except BaseException:
-            if not attempted_manifest:
-                self._discard(name, keep_manifest=True)
+            self._discard(folder)
             raise
+        fence = (lambda: self.registry.check_current(self.generation)) if self.registry else None
+        # publish cleans up its own failures: what may have been committed is never touched
+        if not self.storage.publish(folder, name, mf.MANIFEST, mf.encode(manifest), before=fence):
+            existing = self._read_existing(f"{name}/{mf.MANIFEST}")
+            if existing is None or existing.get("writer_id") != self.writer_id or existing.get("files") != table:
+                self._discard(folder)
+                raise CommitConflict(f"{self.storage.url(name)} was committed by another writer")
+            log.info("manifest create was retried after it had succeeded; %s is ours", name)
+            manifest = existing
         return Committed(name, self.storage.url(name), manifest)
 
     def abort(self, folder: str) -> None:
         """Rank 0, when any rank failed: best-effort removal of every rank's files (never a committed one)."""
-        self._discard(folder, keep_manifest=not self.storage.atomic_rename)
+        self._discard(folder)
 
 
 def clean_stale(storage: Storage, generation: int) -> list[str]:

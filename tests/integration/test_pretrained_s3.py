@@ -15,7 +15,9 @@ import torch
 from dist_train import CheckpointManager
 from dist_train.config.job import add_config_arguments, resolve
 from dist_train.cli.parsing import Parser
+from dist_train.errors import UserError
 from dist_train.models.backbones import read_pretrained
+from dist_train.models.registry import build_model, make_spec
 
 
 @pytest.mark.integration
@@ -34,6 +36,10 @@ def test_pretrained_weights_from_s3_use_the_storage_options(moto_endpoint, s3_cr
 
     state = read_pretrained(url, options)  # the run dir: its newest valid checkpoint
     assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], model.weight.detach())
+    # what training does: the registry hands the run's options to the backbone factory, which reads
+    # the checkpoint (found and read, so its weights are judged: a Linear does not fit a resnet18)
+    with pytest.raises(UserError, match="do not fit resnet18"):
+        build_model(make_spec("resnet18", {}, {}, {"num_classes": 2}), url, options)
 
     parser = Parser(prog="t")
     add_config_arguments(parser)

@@ -334,3 +334,28 @@ def test_the_header_walk_finds_what_tarfile_finds_and_falls_back_for_pax():
     data = buffer.getvalue()
     members = sh.read_members(data)
     assert len(members) == 3 and all(data[o:o + n] == b"7" for m in members for o, n in m.values())
+
+
+def test_a_cold_s3_read_makes_only_the_gets_it_needs(digits_pack, s3_env, s3_bucket, monkeypatch):
+    """Size and sha256 come from the manifest: per shard one GET (or its ranged GETs), no HEAD first."""
+    import sys
+    from collections import Counter
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.fault_proxy import FaultProxy
+
+    url = f"s3://{s3_bucket}/digits"
+    pack(open_source("digits", PackOptions(seed=3)), url, parse_size("256KiB"))  # a few shards
+    with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        whole = open_packed(url).split("val")
+        assert [whole[i][1] for i in range(len(whole))]  # every shard of the split, whole GETs
+        monkeypatch.setattr(packed_dataset, "RANGE_PART", 65536)  # the same shards as ranged GETs
+        ranged = open_packed(url).split("val")
+        assert [ranged[i][1] for i in range(len(ranged))] == [whole[i][1] for i in range(len(whole))]
+    shards = [path for method, path, _ in proxy.log if "/shards/" in path]
+    per_shard = Counter((method, path.split("?")[0]) for method, path, _ in proxy.log if "/shards/" in path)
+    sizes = [int(entry["size"]) for entry in whole.shards]
+    assert shards and not [key for key in per_shard if key[0] != "GET"], f"not only GETs: {per_shard}"
+    parts = sum(-(-size // 65536) for size in sizes)
+    assert len(shards) == len(sizes) + parts, per_shard  # one GET per shard, then one per 4 KiB part

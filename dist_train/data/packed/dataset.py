@@ -69,7 +69,7 @@ def open_packed(url: str, *, storage_options: dict[str, Any] | None = None, cach
     try:
         raw = storage.read(fmt.MANIFEST)
     except FileNotFoundError:
-        if not storage.atomic_rename:  # a store: a missing bucket says so, not "no manifest"
+        if not storage.is_local:  # a store: a missing bucket says so, not "no manifest"
             _check_reachable(storage)
         raise UserError(f"not a packed data set: no manifest at {storage.url(fmt.MANIFEST)} "
                         "(make one with `dist-train data pack`)") from None
@@ -338,7 +338,7 @@ class PackedSplit(Dataset):
     def _download(self, storage: Storage, rel: str, size: int) -> bytes:
         self.gets += 1
         if size <= RANGE_PART:
-            return storage.read(rel)
+            return storage.read(rel, size=size)  # the manifest's size: one GET, no HEAD first
         starts = range(0, size, RANGE_PART)
         # One connection pool, parts side by side: a cold shard arrives at the store's bandwidth.
         with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="packed-range") as pool:

@@ -3,9 +3,9 @@
 Shard names carry this pack's attempt id (`shards/<split>-<attempt>-<n>.tar`), so a pack
 that was killed leaves only shards no manifest lists: the folder does not open as a data
 set, and the next run writes its own shards beside them and removes the orphans once its
-manifest is committed. The manifest commit is the checkpoint writer's primitive: locally a
-temporary file fsynced and renamed into place, on a store one conditional create
-(`If-None-Match: *` on S3). Beside each shard a small index object (`.idx.json`) lists
+manifest is committed. The manifest commit is the storage's `create_whole`, the checkpoint
+writer's primitive: locally a staging file fsynced and renamed into place, on a store one
+conditional create (`If-None-Match: *` on S3). Beside each shard a small index object (`.idx.json`) lists
 its samples' keys and byte ranges, for tools that read single samples with ranged GETs.
 """
 
@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from dist_train.checkpoint.faults import describe_error
-from dist_train.checkpoint.storage import Storage
+from dist_train.checkpoint.storage import STAGING_PREFIX, Storage
 from dist_train.data.packed import format as fmt
 from dist_train.data.packed import shards as sh
 from dist_train.data.packed.sources import Source
@@ -71,7 +71,7 @@ def check_target(storage: Storage, overwrite: bool) -> bool:
             raise UserError(f"--out {storage.display_url} already holds a packed data set; "
                             "pass --overwrite to replace it")
         return True
-    strangers = [e.name for e in storage.list("") if e.name != fmt.SHARDS and not e.name.startswith(".manifest-")]
+    strangers = [e.name for e in storage.list("") if e.name != fmt.SHARDS and not e.name.startswith(STAGING_PREFIX)]
     if strangers:
         raise UserError(f"--out {storage.display_url} is not empty and not a packed data set "
                         f"(it holds {strangers[0]!r}): choose an empty location")
@@ -145,13 +145,11 @@ def _discard(storage: Storage, names: list[str], remove_root: bool) -> None:
             storage.delete(name)
         except Exception as exc:  # noqa: BLE001 - an orphan is ignored by readers; the next pack removes it
             log.warning("could not remove %s: %s", storage.url(name), describe_error(exc))
-    if storage.atomic_rename:  # local folders this pack made (rmdir: only when empty)
-        import os
-        for folder in [fmt.SHARDS] + ([""] if remove_root else []):
-            try:
-                os.rmdir(storage.local_path(folder))
-            except OSError:
-                pass
+    for folder in [fmt.SHARDS] + ([""] if remove_root else []):  # folders this pack made, if left empty
+        try:
+            storage.remove_empty_folder(folder)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.warning("could not remove %s: %s", storage.url(folder), describe_error(exc))
 
 
 def _write_shard(storage: Storage, builder: sh.ShardBuilder, split: str, attempt: str, n: int,
@@ -171,17 +169,7 @@ def _commit(storage: Storage, manifest: dict[str, Any], attempt: str, replacing:
     data = fmt.encode(manifest)
     if replacing:
         storage.delete(fmt.MANIFEST)  # from here until the new one lands, the folder is no data set
-    if storage.atomic_rename:
-        tmp = f".manifest-{attempt}.tmp"
-        storage.write_bytes(tmp, data)
-        try:
-            storage.rename(tmp, fmt.MANIFEST)
-        except FileExistsError:
-            storage.delete(tmp)
-            raise UserError(f"--out {storage.display_url}: another pack committed a data set there first") from None
-        storage.sync_dir("")
-        return
-    if not storage.create_exclusive(fmt.MANIFEST, data):
+    if not storage.create_whole(fmt.MANIFEST, data, attempt):
         try:
             ours = storage.read(fmt.MANIFEST) == data  # a retried create whose first answer was lost
         except FileNotFoundError:
@@ -199,7 +187,7 @@ def _remove_orphans(storage: Storage, manifest: dict[str, Any]) -> None:
             if entry.name not in listed:
                 storage.delete(f"{fmt.SHARDS}/{entry.name}")
         for entry in storage.list(""):
-            if entry.name.startswith(".manifest-"):
+            if entry.name.startswith(STAGING_PREFIX):
                 storage.delete(entry.name)
     except Exception as exc:  # noqa: BLE001 - orphans are ignored by readers; a later pack removes them
         log.warning("could not remove leftovers of earlier packs in %s: %s", storage.display_url,
