@@ -44,7 +44,7 @@ from torch.futures import Future
 
 from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
-from dist_train.checkpoint.index import CheckpointIndex, build_index, read_region, verify_share
+from dist_train.checkpoint.index import CheckpointIndex, build_index, read_region, release, verify_share
 from dist_train.checkpoint.sharded import SHARDS, collect_state, is_sharded
 from dist_train.checkpoint.storage import Storage
 from dist_train.distributed.env import DistEnv
@@ -144,6 +144,8 @@ class DistTrainReader(StorageReader):
                                    f"expected {tuple(target.size())}")
             target.copy_(source)
             planner.commit_tensor(item, target)
+        if self.verify:
+            release(index.folder)  # the verified bytes kept for these reads (object stores)
         future: Future = Future()
         future.set_result(None)
         return future
@@ -189,16 +191,23 @@ def load_state(env: DistEnv, folder: Storage, manifest: dict[str, Any], model: t
     model. Raises `CheckpointCorrupt` on every rank when any rank found a damaged file (nothing
     has been loaded then), and `UserError` when the checkpoint does not fit the model.
     """
+    if verify_sha:
+        problem = verify_share(folder, manifest, env.rank, env.world_size, files_to_load(manifest))  # collective
+        if problem:
+            raise CheckpointCorrupt(problem)
+    try:
+        _load(env, folder, manifest, model, optimizer)
+    finally:
+        release(folder)  # the bytes verify_share kept for this load (object stores)
+
+
+def _load(env: DistEnv, folder: Storage, manifest: dict[str, Any], model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer | None) -> None:
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    if verify_sha:
-        problem = verify_share(folder, manifest, env.rank, env.world_size, files_to_load(manifest))
-        problems = [p for p in env.all_gather_objects(problem) if p]
-        if problems:
-            raise CheckpointCorrupt(problems[0])
     state, _ = collect_state(model, optimizer)
     flat, mappings = flatten_state_dict(state)
     reader = DistTrainReader(folder.url(), verify=False, folder=folder, manifest=manifest,

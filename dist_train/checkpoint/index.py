@@ -15,15 +15,23 @@ Keys are DCP's flat keys (`model.fc.weight`, `optimizer.state.fc.weight.exp_avg`
 of `{"model": ..., "optimizer": ...}`.
 
 Integrity: `verify_share` hashes the listed files split over the ranks (each file once in
-all), so a sharded load checks every byte once before any of it is used; reads after
-that are ranged and trust the check (a file replaced in between is caught by its size at
-best, as with any read-after-verify).
+all), so a sharded load checks every byte once before any of it is used, and every rank
+learns of a problem any rank found (it is collective) before the ranks go their ways.
+Reads after that are ranged and trust the check (a file replaced in between is caught by
+its size at best, as with any read-after-verify).
+
+One read per job on object stores (issue 20): each file is verified by the rank that will
+load it (a same-size sharded load: rank r its own `shards/rank r` files), which keeps the
+verified bytes for that load instead of fetching them again, and the ranks exchange the
+files' safetensors headers (every rank's index needs all of them) instead of each fetching
+them. On local disk nothing is kept: the load re-reads from the page cache at memory speed.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -31,7 +39,7 @@ import torch
 
 from dist_train.checkpoint import digest
 from dist_train.checkpoint.serialization import MAX_HEADER, SKELETON_KEY, _DTYPES, FormatError, unflatten
-from dist_train.checkpoint.sharded import CHUNKS_KEY, OBJECTS_KEY, SHARDS, is_sharded
+from dist_train.checkpoint.sharded import CHUNKS_KEY, OBJECTS_KEY, SHARDED_FIELD, SHARDS, is_sharded
 from dist_train.checkpoint.storage import Storage
 
 DTYPES = {code: dtype for dtype, code in _DTYPES.items()}
@@ -73,10 +81,24 @@ class CheckpointIndex:
 
 # -- raw reads ------------------------------------------------------------------------------------
 
+# Bytes already fetched and verified (whole files) or exchanged (header prefixes), per folder object:
+# the load that follows `verify_share` reads them from here. Weak: gone with the folder (see `release`).
+# Each file's held segments: (offset in the file, bytes).
+_HELD: "weakref.WeakKeyDictionary[Storage, dict[str, list[tuple[int, Any]]]]" = weakref.WeakKeyDictionary()
+
+
+def release(folder: Storage) -> None:
+    """Drop the bytes `verify_share` kept for `folder` (the load is done)."""
+    _HELD.pop(folder, None)
+
+
 def read_range(folder: Storage, rel: str, start: int, end: int) -> bytes:
     """Bytes `[start, end)` of a file; a short read is a damaged file."""
     if end <= start:
         return b""
+    for offset, held in _HELD.get(folder, {}).get(rel, ()):
+        if offset <= start and end <= offset + len(held):
+            return held[start - offset:end - offset]
     data = folder.read_range(rel, start, end)
     if len(data) != end - start:
         raise FormatError(f"{rel}: short read ({len(data)} of {end - start} bytes at {start})")
@@ -285,37 +307,156 @@ def read_full_model(folder: Storage, manifest: dict[str, Any], verify_sha: bool 
     """The model's whole state_dict from a checkpoint of either layout, in one process (inference,
     export). `verify_sha` checks the model files first; FormatError/ValueError name a damaged file."""
     index = build_index(folder, manifest, entries=("model",))
-    if verify_sha:
-        problem = verify_share(folder, manifest, names=index.files)
-        if problem:
-            raise FormatError(problem)
-    return dict(iter_full(index))
+    try:
+        if verify_sha:
+            problem = verify_share(folder, manifest, names=index.files)
+            if problem:
+                raise FormatError(problem)
+        return dict(iter_full(index))
+    finally:
+        release(folder)
 
 
 # -- integrity ------------------------------------------------------------------------------------
 
+def verifiers(manifest: dict[str, Any], names: list[str], world_size: int) -> dict[str, int]:
+    """The rank that verifies each file: a same-size sharded load's shards go to the rank that loads them
+    (`shards/rank r` to rank r); the rest, largest first, to the least-loaded rank (ties: lowest rank).
+    Computed alike on every rank from the manifest alone."""
+    files = manifest.get("files") or {}
+    sizes = {name: int((files.get(name) or {}).get("size") or 0) for name in names}
+    saved = (manifest.get(SHARDED_FIELD) or {}).get("world_size") if is_sharded(manifest) else None
+    load = [0] * max(1, world_size)
+    owners: dict[str, int] = {}
+    for name in names:
+        parts = name.split("/")
+        if saved == world_size and len(parts) == 3 and parts[0] == SHARDS and parts[1].startswith("rank"):
+            try:
+                rank = int(parts[1][4:])
+            except ValueError:
+                continue
+            if 0 <= rank < world_size:
+                owners[name] = rank
+                load[rank] += sizes[name]
+    for name in sorted((n for n in names if n not in owners), key=lambda n: (-sizes[n], n)):
+        rank = min(range(len(load)), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
+
+
 def verify_share(folder: Storage, manifest: dict[str, Any], rank: int = 0, world_size: int = 1,
                  names: list[str] | None = None) -> str | None:
-    """Check size and sha256 of this rank's share of the listed files (file i goes to rank i mod N):
-    the first problem, or None. Every rank calls it; together they read each file once."""
+    """Check size and sha256 of this rank's share of the listed files (`verifiers`): the first problem
+    any rank found, or None. With `world_size` > 1 it is collective (every rank calls it with the same
+    names, in a process group): together the ranks read each file once, and all of them return the
+    same answer. On an object store the verified bytes are kept for the load (see module doc)."""
     names = sorted(names if names is not None else manifest["files"])
-    for position, name in enumerate(names):
-        if position % world_size != rank:
+    owners = verifiers(manifest, names, world_size)
+    keep = not folder.is_local
+    held: dict[str, bytearray] = {}
+    problem = None
+    for name in names:
+        if owners[name] != rank:
             continue
-        entry = manifest["files"].get(name)
-        if entry is None:
-            return f"manifest does not list {name}"
-        size = folder.size(name)
-        if size is None:
-            return f"file {name} is missing"
-        if size != entry["size"]:
-            return f"file {name} is {size} bytes, manifest says {entry['size']}"
-        try:
+        problem = _verify_one(folder, manifest, name, held if keep else None)
+        if problem:
+            break
+    headers = {}
+    if keep:
+        headers = {name: bytes(_header_prefix(data)) for name, data in held.items() if name.endswith(".safetensors")}
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (problem, headers))
+        problem = next((p for p, _ in gathered if p), None)
+        for _, theirs in gathered:
+            for name, prefix in theirs.items():
+                headers.setdefault(name, prefix)
+    if problem is None and keep:
+        segments: dict[str, list[tuple[int, Any]]] = {name: [(0, data)] for name, data in held.items()}
+        for name, prefix in headers.items():
+            segments.setdefault(name, [(0, prefix)])
+        if world_size > 1 and _same_size(manifest, world_size):
+            _share_whole_tensors(manifest, names, owners, rank, held, headers, segments)
+        _HELD.setdefault(folder, {}).update(segments)
+    return problem
+
+
+def _same_size(manifest: dict[str, Any], world_size: int) -> bool:
+    return is_sharded(manifest) and (manifest.get(SHARDED_FIELD) or {}).get("world_size") == world_size
+
+
+def _share_whole_tensors(manifest: dict[str, Any], names: list[str], owners: dict[str, int], rank: int,
+                         held: dict[str, bytearray], headers: dict[str, bytes],
+                         segments: dict[str, list[tuple[int, Any]]]) -> None:
+    """The whole (replicated) tensors of a same-size sharded load, from their verifier to every rank
+    (collective). Every rank loads them (optimizer step counters, model buffers; all of DDP's state),
+    so each would otherwise fetch them from the store itself; DTensor shards stay with their rank."""
+    import torch.distributed as dist
+
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    for name in names:
+        prefix = headers.get(name)
+        if not prefix:
+            continue
+        header = json.loads(bytes(prefix[8:]))
+        chunks = _metadata_json(header, CHUNKS_KEY, name) or {}
+        size = int(manifest["files"][name]["size"])
+        ranges = sorted((begin, end) for key, (_, _, begin, end) in _entries_of(header, name, len(prefix), size).items()
+                        if key not in chunks and end > begin)
+        total = sum(end - begin for begin, end in ranges)
+        if not total:
+            continue
+        if owners[name] == rank:
+            data = held[name]
+            buffer = torch.frombuffer(bytearray(b"".join(data[begin:end] for begin, end in ranges)), dtype=torch.uint8)
+        else:
+            buffer = torch.empty(total, dtype=torch.uint8)
+        buffer = buffer.to(device)
+        dist.broadcast(buffer, src=owners[name])
+        if owners[name] == rank:
+            continue
+        received = buffer.cpu().numpy().tobytes()
+        position = 0
+        for begin, end in ranges:
+            segments.setdefault(name, []).append((begin, received[position:position + end - begin]))
+            position += end - begin
+
+
+def _verify_one(folder: Storage, manifest: dict[str, Any], name: str,
+                held: dict[str, bytearray] | None) -> str | None:
+    entry = manifest["files"].get(name)
+    if entry is None:
+        return f"manifest does not list {name}"
+    size = folder.size(name)
+    if size is None:
+        return f"file {name} is missing"
+    if size != entry["size"]:
+        return f"file {name} is {size} bytes, manifest says {entry['size']}"
+    try:
+        if held is None:
             digest.verify_file(folder, name, entry)  # the chunk digests on several threads when listed
-        except digest.CorruptCheckpoint as exc:
-            return str(exc)
+        else:
+            from dist_train.checkpoint.reader import read_bytes
+
+            held[name] = read_bytes(folder, manifest, name, verify_sha=True)
+    except FileNotFoundError:
+        return f"file {name} is missing"
+    except digest.CorruptCheckpoint as exc:
+        return str(exc)
     return None
 
 
+def _header_prefix(data: bytearray) -> bytes | bytearray:
+    """A safetensors file's first bytes up to its tensor data (what `read_header` reads)."""
+    if len(data) < 8:
+        return b""
+    (length,) = struct.unpack("<Q", data[:8])
+    return data[: 8 + length] if 8 + length <= len(data) else b""
+
+
 __all__ = ["CheckpointIndex", "Chunk", "TensorInfo", "build_index", "full_tensor", "iter_full", "read_full_model",
-           "read_region", "verify_share", "read_range", "read_header"]
+           "read_region", "verify_share", "verifiers", "release", "read_range", "read_header"]

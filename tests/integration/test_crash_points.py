@@ -350,3 +350,51 @@ def test_sigkill_before_every_operation_of_a_two_writer_commit_s3(server, s3_env
     assert not any(k.endswith("manifest.json") for k in orphans), orphans
     _two_writer_resume(server, run_dir(label), tmp_path, s3_env)
     assert not any(f"g0001-{SHARDED_STEP}" in k for k in keys(label)), "orphaned objects of the killed commit remain"
+
+
+# -- issue 20, item 5: a peer that dies during rank 0's commit -------------------------------------
+#
+# Rank 0 has every rank's report and has decided to commit; rank 1 waits for its word and is SIGKILLed
+# before the commit point (rank 0 is held just before its rename), so rank 0 commits with a dead peer and
+# its final broadcast fails. The manifest is written whatever happens next: rank 0 must log the commit,
+# not a failed checkpoint (a failure would count towards --max-consecutive-failures and hide a valid
+# checkpoint from the log a user reads).
+
+@pytest.mark.timeout(240)
+def test_rank0_keeps_a_commit_whose_peer_dies_right_after_it(server, tmp_path, capsys):
+    import os
+
+    from conftest import alive, call_cli, wait_for
+
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    hooks = {"DT_HOOK_PAUSE": f"rename:ckpt-*-{SHARDED_STEP}", "DT_HOOK_PAUSED": str(tmp_path / "paused"),
+             "DT_HOOK_RELEASE": str(tmp_path / "release"), "DT_HOOK_RANK": "0"}
+    rank0, rank1 = _start_ranks(server, [*SHARDED_JOB, "--run-dir", str(run_dir)], logs, None, hooks)
+    try:
+        wait_for(lambda: (tmp_path / "paused.0").exists() or not alive(rank0), 150, 0.02, "rank 0 at its commit")
+        log0 = logs / "rank0.log"
+        assert (tmp_path / "paused.0").exists(), log0.read_text()[-3000:]
+        os.kill(rank1, signal.SIGKILL)
+        assert server.wait(rank1, 30) == (None, signal.SIGKILL)
+        (tmp_path / "release.0").touch()
+        code, _ = server.wait(rank0, 90)
+    finally:
+        for pid in (rank0, rank1):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    output = log0.read_text()
+    assert code != 0, output[-3000:]  # the job itself cannot go on without its peer
+    committed = run_dir / f"ckpt-g0001-{SHARDED_STEP}"
+    assert f"committed {committed} (step 4" in output, output[-3000:]
+    assert "could not tell every rank" in output, output[-3000:]
+    assert "checkpoint at step 4 failed" not in output, output[-3000:]
+    # It is a checkpoint like any other: it verifies, and the next attempt resumes from it.
+    assert _check_two_writers(str(run_dir), {4}, "peer killed during the commit", None) == 4
+    code, out, _ = call_cli(["ckpt", "verify", str(committed)], capsys)
+    assert code == 0, out
+    results = _run_ranks(server, [*SHARDED_JOB, "--max-steps", "6", "--run-dir", str(run_dir)], tmp_path / "resume",
+                         None, {})
+    resumed = (tmp_path / "resume" / "rank0.log").read_text()
+    assert results == [(0, None), (0, None)], resumed[-3000:]
+    assert "resuming from" in resumed and committed.name in resumed, resumed[-3000:]
+    assert manifests(run_dir)[-1]["step"] == 6

@@ -90,3 +90,62 @@ def test_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on
     # Manifest reads are separate: small, from the catalog (rank 0) and the resolver.
     manifest_reads = {path: n for path, n in got.items() if path.endswith("/manifest.json")}
     assert all(n <= 4 * len(json.dumps(manifest8)) for n in manifest_reads.values()), manifest_reads
+
+
+# -- the same under --parallelism fsdp (issue 20: "same results with --parallelism fsdp") -------------
+#
+# FSDP checkpoints are written by every rank (`--checkpoint-writers all` is FSDP's default; rank 0 alone
+# cannot write a model no rank holds whole): each rank's shards plus the small replicated entries rank 0
+# writes (trainer, RNG). A same-size restore reads each object once in all: every rank reads and verifies
+# the shards it loads, once; the small entries are split as under DDP.
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on_one_rank(s3_env, s3_bucket,
+                                                                                               moto_endpoint):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    url = f"s3://{s3_bucket}/run"
+    train = ["train", "--run-dir", url, *TINY, "--parallelism", "fsdp", "--checkpoint-every", "4", "--deterministic"]
+    ref = run_torchrun(2, [*train, "--max-steps", "12"], env=s3_env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    folders = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")})
+    assert len(folders) == 3, folders
+    step4, step8, step12 = folders
+    reference = _manifest(client, s3_bucket, f"run/{step12}")["model_digest"]
+    for key in _objects(client, s3_bucket, f"run/{step12}/"):
+        client.delete_object(Bucket=s3_bucket, Key=key)
+    # step 8: rank 1's model shard is damaged (rank 1 reads and verifies it; rank 0 never touches it)
+    manifest8 = _manifest(client, s3_bucket, f"run/{step8}")
+    assert manifest8["sharded"]["world_size"] == 2, manifest8.get("sharded")
+    sizes8 = {name: entry["size"] for name, entry in manifest8["files"].items()}
+    victim = "shards/rank00001/model.safetensors"
+    key = f"run/{step8}/{victim}"
+    data = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
+
+    with FaultProxy(moto_endpoint) as proxy:
+        resumed = run_torchrun(2, [*train, "--max-steps", "12"], env=dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
+        got = dict(proxy.get_bytes)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    skips = [line for line in output.splitlines() if "skipping checkpoint" in line and step8 in line]
+    assert skips and victim in skips[0], output[-3000:]
+    assert "resuming from" in output and f"{step4}" in output.split("resuming from", 1)[1][:300], output[-3000:]
+    after = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")} - set(folders),
+                   key=lambda name: int(name.rsplit("-s", 1)[-1]))
+    assert after and after[-1].endswith("s0000000012"), after
+    assert _manifest(client, s3_bucket, f"run/{after[-1]}")["model_digest"] == reference
+
+    def read_of(folder: str, names) -> dict[str, int]:
+        return {name: got.get(f"/{s3_bucket}/run/{folder}/{name}", 0) for name in names}
+
+    sizes4 = {n: e["size"] for n, e in _manifest(client, s3_bucket, f"run/{step4}")["files"].items()}
+    read4 = read_of(step4, sizes4)
+    assert read4 == sizes4, ({n: (read4[n], sizes4[n]) for n in sizes4 if read4[n] != sizes4[n]},
+                             sum(read4.values()) / sum(sizes4.values()))
+    read8 = read_of(step8, sizes8)
+    assert all(read8[n] <= sizes8[n] for n in sizes8), (read8, sizes8)
+    assert read8[victim] == sizes8[victim]
