@@ -38,31 +38,17 @@ def test_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on
     client = boto3.client("s3", endpoint_url=moto_endpoint)
     url = f"s3://{s3_bucket}/run"
     train = ["train", "--run-dir", url, *TINY, "--checkpoint-every", "4", "--deterministic"]
-    # The reference: an uninterrupted 2-rank run of 12 steps (commits 4, 8, 12).
-    ref = run_torchrun(2, [*train, "--max-steps", "12"], env=s3_env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    folders = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")})
-    assert len(folders) == 3, folders
-    step4, step8, step12 = folders
-    reference = _manifest(client, s3_bucket, f"run/{step12}")["model_digest"]
-    # As if the job died after the commit of step 8: the newest checkpoint goes ...
-    for key in _objects(client, s3_bucket, f"run/{step12}/"):
-        client.delete_object(Bucket=s3_bucket, Key=key)
+    # The reference: an uninterrupted 2-rank run of 12 steps (commits 4, 8, 12); then, as if the job
+    # died after the commit of step 8, the newest checkpoint goes ...
+    folders, reference = _three_commits_without_the_newest(client, s3_bucket, train, s3_env)
+    step4, step8, _ = folders
     # ... and step 8 has a damaged file that rank 1 reads (rank 0's share of it is intact).
     manifest8 = _manifest(client, s3_bucket, f"run/{step8}")
     sizes8 = {name: entry["size"] for name, entry in manifest8["files"].items()}
     owners = plan(sizes8, 2)
     victim = max((n for n in sizes8 if owners[n] == 1), key=sizes8.get)
-    key = f"run/{step8}/{victim}"
-    data = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
-    data[len(data) // 2] ^= 0xFF
-    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
-
-    with FaultProxy(moto_endpoint) as proxy:
-        resumed = run_torchrun(2, [*train, "--max-steps", "12"], env=dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
-        got = dict(proxy.get_bytes)
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, output[-3000:]
+    _flip_a_byte(client, s3_bucket, f"run/{step8}/{victim}")
+    output, got = _resume_behind_a_counting_proxy(train, s3_env, moto_endpoint)
     skips = [line for line in output.splitlines() if "skipping checkpoint" in line and step8 in line]
     assert skips and victim in skips[0], output[-3000:]  # found by rank 1 alone, skipped by both
     assert "step 4," in output and "resuming from" in output, output[-3000:]
@@ -108,29 +94,15 @@ def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corru
     client = boto3.client("s3", endpoint_url=moto_endpoint)
     url = f"s3://{s3_bucket}/run"
     train = ["train", "--run-dir", url, *TINY, "--parallelism", "fsdp", "--checkpoint-every", "4", "--deterministic"]
-    ref = run_torchrun(2, [*train, "--max-steps", "12"], env=s3_env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    folders = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")})
-    assert len(folders) == 3, folders
-    step4, step8, step12 = folders
-    reference = _manifest(client, s3_bucket, f"run/{step12}")["model_digest"]
-    for key in _objects(client, s3_bucket, f"run/{step12}/"):
-        client.delete_object(Bucket=s3_bucket, Key=key)
+    folders, reference = _three_commits_without_the_newest(client, s3_bucket, train, s3_env)
+    step4, step8, _ = folders
     # step 8: rank 1's model shard is damaged (rank 1 reads and verifies it; rank 0 never touches it)
     manifest8 = _manifest(client, s3_bucket, f"run/{step8}")
     assert manifest8["sharded"]["world_size"] == 2, manifest8.get("sharded")
     sizes8 = {name: entry["size"] for name, entry in manifest8["files"].items()}
     victim = "shards/rank00001/model.safetensors"
-    key = f"run/{step8}/{victim}"
-    data = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
-    data[len(data) // 2] ^= 0xFF
-    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
-
-    with FaultProxy(moto_endpoint) as proxy:
-        resumed = run_torchrun(2, [*train, "--max-steps", "12"], env=dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
-        got = dict(proxy.get_bytes)
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, output[-3000:]
+    _flip_a_byte(client, s3_bucket, f"run/{step8}/{victim}")
+    output, got = _resume_behind_a_counting_proxy(train, s3_env, moto_endpoint)
     skips = [line for line in output.splitlines() if "skipping checkpoint" in line and step8 in line]
     assert skips and victim in skips[0], output[-3000:]
     assert "resuming from" in output and f"{step4}" in output.split("resuming from", 1)[1][:300], output[-3000:]
@@ -149,3 +121,31 @@ def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corru
     read8 = read_of(step8, sizes8)
     assert all(read8[n] <= sizes8[n] for n in sizes8), (read8, sizes8)
     assert read8[victim] == sizes8[victim]
+
+
+def _three_commits_without_the_newest(client, bucket: str, train: list[str], s3_env) -> tuple[list[str], str]:
+    """A 2-rank run of 12 steps (commits 4, 8, 12), then step 12 deleted: the folders and step 12's digest."""
+    ref = run_torchrun(2, [*train, "--max-steps", "12"], env=s3_env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    folders = sorted({key.split("/")[1] for key in _objects(client, bucket, "run/ckpt-")})
+    assert len(folders) == 3, folders
+    reference = _manifest(client, bucket, f"run/{folders[2]}")["model_digest"]
+    for key in _objects(client, bucket, f"run/{folders[2]}/"):
+        client.delete_object(Bucket=bucket, Key=key)
+    return folders, reference
+
+
+def _flip_a_byte(client, bucket: str, key: str) -> None:
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def _resume_behind_a_counting_proxy(train: list[str], s3_env, moto_endpoint: str) -> tuple[str, dict[str, int]]:
+    """The 2-rank resume to step 12 through the proxy: its output and the bytes GET per object path."""
+    with FaultProxy(moto_endpoint) as proxy:
+        resumed = run_torchrun(2, [*train, "--max-steps", "12"], env=dict(s3_env, AWS_ENDPOINT_URL=proxy.url))
+        got = dict(proxy.get_bytes)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    return output, got
