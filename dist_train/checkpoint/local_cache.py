@@ -9,7 +9,13 @@ job reads nothing from the run dir on any node:
 - the local rank 0 of every other node writes the same files from the replica it holds
   (DDP: every rank holds the same model and optimizer; the RNG states of every rank are
   gathered to the node leaders too) when the checkpoint is taken; whether rank 0's commit
-  succeeded is not known there yet, so those nodes keep one copy more (`spare`).
+  succeeded is not known there yet, so those nodes keep one copy more (`spare`);
+- a sharded checkpoint (`--checkpoint-writers all`: every rank writes its own share) is
+  cached share by share (`store_share`): after the collective commit every rank writes the
+  shard files it wrote into its node's copy, and the node's local rank 0 adds the small
+  whole entries (trainer state, RNG) from its replica. A node holds what its ranks load at
+  the same world size: their own shards; the rest of a same-size sharded load (headers,
+  replicated tensors, small entries) crosses the network from the rank that verified it.
 
 No cached copy is trusted for what it claims: the durable run dir stays the only commit
 point and its manifest the only authority. On resume a copy is used only when it belongs
@@ -19,6 +25,12 @@ read; otherwise it is ignored with one line and removed. Every rank of a node re
 that node's cache; the ranks still agree on one checkpoint as always.
 
 Layout: `DIR/run.json` (the run dir it belongs to), `DIR/<checkpoint name>/<files>`.
+
+A sharded restore reads through a `CacheOverlay`: the files this rank verifies come from
+the node's copy when it holds them at the manifest's size, everything else from the run
+dir. Each rank hashes what it reads (per source: a file verified on one node's copy says
+nothing about another's), and a cached file that fails its hash makes the restore read
+that checkpoint again from the run dir, never skip it (restore.py).
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ class LocalCache:
         """
         staged = None
         try:
-            self._claim()
+            self.claim()
             staged = self.storage.stage(name, uuid.uuid4().hex[:8], owner=b"cache")
             for rel, content in files.items():
                 self.storage.write(f"{staged}/{rel}", _chunks(content), _size(content))
@@ -66,7 +78,8 @@ class LocalCache:
                 self.storage.discard_staged(staged)
             log.warning("local cache %s: could not keep %s (%s)", self.folder, name, describe_error(exc))
 
-    def _claim(self) -> None:
+    def claim(self) -> None:
+        """Make the cache this run dir's (a cache of another run dir is cleared first)."""
         self.storage.makedirs("")
         owner = self._owner()
         if owner != self.run_url:
@@ -75,6 +88,29 @@ class LocalCache:
             self.clear()
             self.storage.makedirs("")
             self.storage.write_bytes(OWNER, json.dumps({"run_dir": self.run_url}).encode())
+
+    def store_share(self, name: str, files: dict[str, Any], prune: bool) -> None:
+        """Add one rank's files of a sharded checkpoint to the node's copy of `name`; never fails the job.
+
+        Several ranks of a node write into one copy at once, so each file is written beside
+        and renamed into place (a reader sees a whole file or none; its hash is checked on
+        use anyway). `prune` (the node's local rank 0 only): keep the newest `keep` copies.
+        The cache must have been claimed (`claim`) before any rank of the node stores.
+        """
+        try:
+            if self._owner() != self.run_url:
+                log.warning("local cache %s: not claimed for this run dir; no copy of %s", self.folder, name)
+                return
+            tag = uuid.uuid4().hex[:8]
+            for rel, content in files.items():
+                partial = f"{name}/{rel}.{STAGING_PREFIX}{tag}"
+                self.storage.write(partial, _chunks(content), _size(content))
+                os.replace(self.storage.path(partial), self.storage.path(f"{name}/{rel}"))
+            if prune:
+                self._prune(keep_newest=name, keep=self.keep)
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: never stop training for it
+            log.warning("local cache %s: could not keep this rank's share of %s (%s)", self.folder, name,
+                        describe_error(exc))
 
     def _prune(self, keep_newest: str, keep: int) -> None:
         entries = [entry.name for entry in self.storage.list("")]
@@ -116,8 +152,36 @@ class LocalCache:
                 return None
         return Storage(path)
 
+    def overlay(self, name: str, manifest: dict[str, Any], run_dir: Storage, files: list[str]) -> "CacheOverlay | None":
+        """The run dir with `files` served from this node's copy of `name` where it holds them at the
+        manifest's size (a sharded restore: the files this rank verifies); None when it holds none."""
+        entries = manifest.get("files") or {}
+        path = os.path.join(self.folder, name)
+        if not os.path.isdir(path) or self._owner() != self.run_url:
+            return None
+        served = set()
+        for rel in files:
+            try:
+                size = os.path.getsize(os.path.join(path, rel)) if mf.safe_relative_name(rel) else None
+            except OSError:
+                size = None
+            if rel in entries and size == int(entries[rel]["size"]):
+                served.add(rel)
+        if len(served) < len(files):
+            log.info("local cache %s: holds %d of the %d files this rank reads of %s; the rest from the run dir",
+                     self.folder, len(served), len(files), name)
+        return CacheOverlay(run_dir, Storage(path), served) if served else None
+
     def discard(self, name: str) -> None:
         self.storage.delete_tree(name)
+
+    def discard_files(self, name: str, files: set[str]) -> None:
+        """Remove some files of a copy (a rank's share that failed its hash); never fails."""
+        for rel in files:
+            try:
+                self.storage.delete(f"{name}/{rel}")
+            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
+                log.warning("local cache %s: could not remove %s/%s (%s)", self.folder, name, rel, describe_error(exc))
 
     def clear(self) -> None:
         if os.path.isdir(self.folder):
@@ -130,6 +194,45 @@ class LocalCache:
                 return json.load(handle).get("run_dir")
         except (OSError, ValueError, AttributeError):
             return None
+
+
+class CacheOverlay:
+    """A checkpoint folder read partly from a node's cached copy: `served` files from `cached`,
+    everything else (and every other operation) from `run_dir`.
+
+    Not local (`is_local` False) whatever the two are: each rank must read and verify only its
+    own files and receive the rest from their verifiers, since the copies differ between nodes.
+    """
+
+    def __init__(self, run_dir: Storage, cached: Storage, served: set[str]):
+        self.run_dir = run_dir
+        self.cached = cached
+        self.served = served
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    def _source(self, rel: str) -> Storage:
+        return self.cached if rel in self.served else self.run_dir
+
+    def read(self, rel: str, size: int | None = None) -> bytes:
+        return self._source(rel).read(rel, size)
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        return self._source(rel).read_range(rel, start, end)
+
+    def iter_read(self, rel: str, block_size: int):
+        return self._source(rel).iter_read(rel, block_size)
+
+    def size(self, rel: str) -> int | None:
+        return self._source(rel).size(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self._source(rel).exists(rel)
+
+    def __getattr__(self, name: str) -> Any:  # url, display_url, listing: the run dir's
+        return getattr(self.run_dir, name)
 
 
 def _size(content: Any) -> int:

@@ -230,14 +230,15 @@ class CheckpointManager:
             from dist_train.checkpoint.sharded import ShardedSaver
             self._sharded = ShardedSaver(env, writer)
             commit = self._commit_sharded
-            if self.cache is not None and env.is_rank0:
-                log.warning("--local-cache keeps whole checkpoints only; with every rank writing its share "
-                            "(--checkpoint-writers all) restarts read the run dir")
-                self.cache = None
+            if self.cache is not None:  # every rank of a node adds its share: the node's leader claims it first
+                if env.local_rank == 0:
+                    self.cache.claim()
+                env.barrier()
         self._saver = Checkpointer(env, self.storage, writer, self.policy, self.async_save,
                                    self.max_consecutive_failures, self._committed, commit,
                                    node_copy=self._node_copy if self._leads_a_cached_node() else None,
-                                   rng_everywhere=self._caches_every_node())
+                                   rng_everywhere=self._caches_every_node() or self._caches_shares_on_many_nodes(),
+                                   share_committed=self._cache_share if self._caches_shares() else None)
         if self._resumed_step is not None:
             self._saver.mark_committed(self._resumed_step)
         return self.generation
@@ -296,7 +297,7 @@ class CheckpointManager:
         shard_state, pinned = collect_state(unwrap(state["model"]), state.get("optimizer"))
         shard = self._sharded.snapshot(step, shard_state, pinned, copy=copy)
         entries: dict[str, Any] = {}
-        if self.env.is_rank0:
+        if self.env.is_rank0 or (self._caches_shares() and self.env.local_rank == 0):  # the node's cached copy
             for name, value in state.items():
                 if name not in ("model", "optimizer"):
                     tree = capture(value)
@@ -315,6 +316,22 @@ class CheckpointManager:
         """A multi-node job whose checkpoints rank 0 writes whole: every node keeps its own cached copy."""
         return self.cache is not None and self.writers == "rank0" and self.env.local_world_size < self.env.world_size
 
+    def _caches_shares(self) -> bool:
+        """A sharded checkpoint (every rank writes its share) with a local cache: each rank caches its share."""
+        return self.cache is not None and self.writers == "all"
+
+    def _caches_shares_on_many_nodes(self) -> bool:
+        """Every node's leader needs every rank's RNG state for its copy of the small entries."""
+        return self._caches_shares() and self.env.local_world_size < self.env.world_size
+
+    def _cache_share(self, committed: Committed, snap: Snapshot) -> None:
+        """This rank's shard files into its node's copy; the node's leader adds the small whole entries."""
+        files: dict[str, Any] = dict(snap.shard.files()) if snap.shard is not None else {}
+        leader = self.env.local_rank == 0
+        if leader:
+            files.update(snap.files())
+        self.cache.store_share(committed.name, files, prune=leader)
+
     def _leads_a_cached_node(self) -> bool:
         return self._caches_every_node() and self.env.local_rank == 0 and not self.env.is_rank0
 
@@ -325,7 +342,7 @@ class CheckpointManager:
         self.cache.store(checkpoint_name(self.generation, snap.step), snap.files(), spare=1)
 
     def _committed(self, committed: Committed, snap: Snapshot) -> None:
-        if self.cache is not None:
+        if self.cache is not None and not self._caches_shares():
             self.cache.store(committed.name, snap.files())
         for listener in list(self._listeners):
             listener(committed)

@@ -161,26 +161,16 @@ def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payl
                 raise UserError(f"--resume {source}: no valid checkpoint there")
             return None
         url, manifest = candidate
-        problem, payload = None, None
-        mgr.restored_from_cache = False
-        try:
-            payload = None if mgr._resharding(manifest) else read_cached(mgr, url, manifest)
-            folder = Storage(url, mgr.options)
-            if should_split(env, folder):  # the split read is collective: all ranks take part if one needs it
-                if any(env.all_gather_objects(payload is None)):
-                    fresh = read(mgr, folder, manifest)
-                    payload = payload if payload is not None else fresh
-            elif payload is None:
-                payload = read(mgr, folder, manifest)
-        except CorruptCheckpoint as exc:
-            problem = str(exc)
-        except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
-            problem = f"unreadable ({describe_error(exc)})"
-        verdicts = env.all_gather_objects((problem, mgr.restored_from_cache))
-        problems = [p for p, _ in verdicts if p]
+        problem, payload, verdicts = _read_candidate(mgr, url, manifest, shares_cached=True)
+        if any(served for _, _, served in verdicts) and any(p for p, _, _ in verdicts):
+            # a node's cached share may be what failed: the run dir decides, never a cache
+            if env.is_rank0:
+                log.warning("reading %s again from the run dir, without the local cache", url)
+            problem, payload, verdicts = _read_candidate(mgr, url, manifest, shares_cached=False)
+        problems = [p for p, _, _ in verdicts if p]
         if not problems:
             if mgr.cache is not None and env.world_size > 1:
-                cached = [rank for rank, (_, hit) in enumerate(verdicts) if hit]
+                cached = [rank for rank, (_, hit, _) in enumerate(verdicts) if hit]
                 log.info("local cache: %s", "every rank read its node's copy" if len(cached) == env.world_size
                          else f"ranks {cached} read their node's copy, the others the run dir" if cached
                          else "no rank had a copy; read the run dir")
@@ -194,6 +184,71 @@ def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payl
             corrupt = [p for p in problems if not p.startswith("unreadable (")]  # bytes, not the store
             if corrupt:
                 resolver.mark_corrupt(located, url, corrupt[0])  # not history: retention deletes it first
+
+
+def _read_candidate(mgr: "CheckpointManager", url: str, manifest: dict[str, Any],
+                    shares_cached: bool) -> tuple[str | None, Payload | None, list[Any]]:
+    """This rank's reading of a candidate, and every rank's verdict: (problem, read whole from the node's
+    cache, read any file from it) per rank (collective)."""
+    env = mgr.env
+    problem, payload, served = None, None, set()
+    mgr.restored_from_cache = False
+    try:
+        payload = None if mgr._resharding(manifest) else read_cached(mgr, url, manifest)
+        folder: Any = Storage(url, mgr.options)
+        if shares_cached and _caches_shares_of(mgr, manifest):
+            folder, served = cached_shares(mgr, url, manifest, folder)
+        if should_split(env, folder):  # the split read is collective: all ranks take part if one needs it
+            if any(env.all_gather_objects(payload is None)):
+                fresh = read(mgr, folder, manifest)
+                payload = payload if payload is not None else fresh
+        elif payload is None:
+            payload = read(mgr, folder, manifest)
+    except CorruptCheckpoint as exc:
+        problem = str(exc)
+    except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
+        problem = f"unreadable ({describe_error(exc)})"
+    if problem and served:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        log.warning("local cache: dropped this rank's cached files of %s (%s)", name, problem)
+        mgr.cache.discard_files(name, served)
+    return problem, payload, env.all_gather_objects((problem, mgr.restored_from_cache, bool(served)))
+
+
+def _caches_shares_of(mgr: "CheckpointManager", manifest: dict[str, Any]) -> bool:
+    """A sharded checkpoint of this world size, a local cache, hashes checked: read shares from the cache.
+
+    The same on every rank (flags and manifest), so all ranks take the same (collective) path."""
+    from dist_train.checkpoint.sharded import SHARDED_FIELD, is_sharded
+
+    return (mgr.cache is not None and mgr.verify == "sha256" and is_sharded(manifest)
+            and (manifest.get(SHARDED_FIELD) or {}).get("world_size") == mgr.env.world_size)
+
+
+def cached_shares(mgr: "CheckpointManager", url: str, manifest: dict[str, Any],
+                  run_dir: Storage) -> tuple[Any, set[str]]:
+    """The folder a same-size sharded restore reads: the files this rank reads and verifies (its own
+    shards, its part of the small entries) from its node's cache where held, the rest from the run dir."""
+    from dist_train.checkpoint.dcp import files_to_load
+    from dist_train.checkpoint.index import verifiers
+    from dist_train.checkpoint.local_cache import CacheOverlay
+
+    env = mgr.env
+    files = manifest["files"]
+    shards = files_to_load(manifest)
+    mine = [n for n, rank in verifiers(manifest, shards, env.world_size).items() if rank == env.rank]
+    small = [state.file_name(n) for n in state.entry_names(manifest) if n not in ("model", "optimizer")]
+    owners = plan({n: int(files[n]["size"]) for n in small}, env.world_size)
+    mine += [n for n in small if owners[n] == env.rank]
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    overlay = mgr.cache.overlay(name, manifest, run_dir, sorted(mine))
+    if overlay is None:
+        return CacheOverlay(run_dir, run_dir, set()), set()
+    mgr.restored_from_cache = overlay.served == set(mine)
+    if mgr.restored_from_cache:
+        log.info("reading this rank's share of %s from the local cache %s (verified against the run dir's "
+                 "manifest)", name, mgr.cache.folder)
+    return overlay, set(overlay.served)
 
 
 def load_resharded(mgr: "CheckpointManager", state: dict[str, Any], payload: Payload) -> tuple[str, ...]:

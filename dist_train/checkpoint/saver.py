@@ -43,19 +43,24 @@ class Checkpointer:
                  async_mode: bool, max_consecutive_failures: int = 3,
                  on_commit: Callable[[Committed, Snapshot], None] | None = None,
                  commit: Callable[[Snapshot], Committed] | None = None, *,
-                 node_copy: Callable[[Snapshot], None] | None = None, rng_everywhere: bool = False):
+                 node_copy: Callable[[Snapshot], None] | None = None, rng_everywhere: bool = False,
+                 share_committed: Callable[[Committed, Snapshot], None] | None = None):
         """`commit`, when given, is a collective commit every rank runs (sharded checkpoints: each
         rank writes its share); by default rank 0 alone writes `snap.files()` with `writer`.
 
         `node_copy`, on a rank that does not write (another node's local rank 0), takes the same
         snapshot and hands it to `node_copy` instead of committing it (that node's local cache);
         `rng_everywhere` (the same on every rank) gathers every rank's RNG state to every rank so
-        such a snapshot is whole."""
+        such a snapshot is whole.
+
+        `share_committed`, with a collective commit, runs on every rank once the checkpoint is
+        committed (each rank's share into its node's local cache); it must not fail."""
         self.env = env
         self.commit = commit
         self.collective = commit is not None
         self.node_copy = node_copy
         self.rng_everywhere = rng_everywhere
+        self.share_committed = share_committed
         self.storage = storage
         self.writer = writer
         self.policy = policy
@@ -179,6 +184,11 @@ class Checkpointer:
             return
         self.consecutive_failures = 0
         self.last_committed = committed
+        if self.share_committed is not None:
+            try:
+                self.share_committed(committed, snap)
+            except Exception as exc:  # noqa: BLE001 - the local cache is an optimisation
+                log.warning("local cache: no copy of this rank's share of step %d (%s)", snap.step, describe_error(exc))
         if not self.env.is_rank0:
             return  # a collective commit's other ranks: rank 0 logs, tells the listeners, applies retention
         self._val_losses[committed.name] = val_loss_of(committed.manifest)

@@ -72,7 +72,7 @@ def test_worker_restart_resumes_from_the_local_cache_without_reading_the_store(t
     text = log_path.read_text()
     assert "resuming from the local cache" in text, text[-4000:]
     data_gets = [path for method, path, _ in after_restart
-                 if method == "GET" and re.search(r"/ckpt-[^/]+/[^/]+\.safetensors", path)]
+                 if method == "GET" and re.search(r"/ckpt-[^/]+/.*\.safetensors", path)]
     assert not data_gets, f"the restart read checkpoint data from the store: {data_gets[:5]}"
     assert _final_s3_digest(client, s3_bucket, prefix) == manifests(reference)[-1]["model_digest"]
 
@@ -166,17 +166,30 @@ def _two_nodes(tmp_path: Path, phase: str, env: dict[str, str], args: list[str])
     return logs
 
 
+# What each node's copy must hold after the first run: DDP, the whole checkpoint (from the node's own
+# replica); FSDP (every rank writes its share), the node's rank's shards and the small whole entries.
+NODE_COPIES = {
+    "ddp": lambda index: ["model.safetensors", "optimizer.safetensors", "trainer.safetensors"],
+    "fsdp": lambda index: [f"shards/rank{index:05d}/model.safetensors", f"shards/rank{index:05d}/optimizer.safetensors",
+                           "trainer.safetensors"],
+}
+
+
 @pytest.mark.timeout(480)
-def test_a_restart_of_two_nodes_reads_no_checkpoint_data_from_the_store(tmp_path, s3_env, s3_bucket):
-    """Every node keeps its own copy: node 1's from its own replica, verified against the durable manifest."""
+@pytest.mark.parametrize("parallelism", sorted(NODE_COPIES))
+def test_a_restart_of_two_nodes_reads_no_checkpoint_data_from_the_store(tmp_path, s3_env, s3_bucket, parallelism):
+    """Every node keeps its own copy: node 1's from its own replica (DDP) or its own share (FSDP, sharded
+    checkpoints), verified against the durable manifest."""
     prefix = f"nodes-{uuid.uuid4().hex[:6]}"
     job = ["--run-dir", f"s3://{s3_bucket}/{prefix}", "--checkpoint-every", "6", "--batch-size", "32",
-           "--deterministic", "--no-progress", "--log-every", "6", "--epochs", "2"]
+           "--deterministic", "--no-progress", "--log-every", "6", "--epochs", "2", "--parallelism", parallelism]
     with FaultProxy(s3_env["AWS_ENDPOINT_URL"]) as proxy:
         env = dict(s3_env, AWS_ENDPOINT_URL=proxy.url)
         _two_nodes(tmp_path, "first", env, [*job, "--max-steps", "12"])
-        for index in (0, 1):  # each node holds the newest checkpoint, written by its own local rank 0
-            assert (tmp_path / f"cache-node{index}" / "ckpt-g0001-s0000000012" / "model.safetensors").is_file()
+        for index in (0, 1):  # each node holds what its rank loads of the newest checkpoint
+            copy = tmp_path / f"cache-node{index}" / "ckpt-g0001-s0000000012"
+            for rel in NODE_COPIES[parallelism](index):
+                assert (copy / rel).is_file(), (rel, sorted(str(p.relative_to(copy)) for p in copy.rglob("*")))
         proxy.log.clear()
         logs = _two_nodes(tmp_path, "restart", env, [*job, "--max-steps", "18"])
         after_restart = list(proxy.log)
@@ -184,6 +197,47 @@ def test_a_restart_of_two_nodes_reads_no_checkpoint_data_from_the_store(tmp_path
     for log in logs:
         assert not [line for line in log.splitlines() if "local cache" in line and "WARNING" in line], log[-3000:]
     data_gets = [path for method, path, _ in after_restart
-                 if method == "GET" and re.search(r"/ckpt-[^/]+/[^/]+\.safetensors", path)]
+                 if method == "GET" and re.search(r"/ckpt-[^/]+/.*\.safetensors", path)]
     assert not data_gets, f"the restart read checkpoint data from the store: {data_gets[:5]}"
     assert (tmp_path / "cache-node1" / "ckpt-g0002-s0000000018").is_dir()
+
+
+FSDP_JOB = [*JOB, "--parallelism", "fsdp"]  # sharded checkpoints: every rank writes (and caches) its share
+
+
+@pytest.mark.timeout(300)
+def test_a_sharded_checkpoints_cached_shares_are_read_and_a_corrupt_one_sends_the_restore_to_the_run_dir(tmp_path):
+    """FSDP on one node: each rank caches its own shards; a restart reads every share from the cache. A
+    cached shard damaged in place (same size) fails its hash: that checkpoint is read again from the run
+    dir, never skipped for an older one, and the damaged file leaves the cache."""
+    import shutil
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    first = run_torchrun(2, [*FSDP_JOB, "--max-steps", "12", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = cache / "ckpt-g0001-s0000000012"
+    shard = newest / "shards" / "rank00001" / "optimizer.safetensors"
+    assert shard.is_file() and (newest / "shards" / "rank00000" / "model.safetensors").is_file()
+    assert [p.name for p in cache.glob("ckpt-*")] == [newest.name]  # --local-cache-keep 1
+    shutil.copytree(run_dir, tmp_path / "run-copy")
+    shutil.copytree(cache, tmp_path / "cache-copy")
+
+    good = run_torchrun(2, [*FSDP_JOB, "--max-steps", "18", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "local cache: every rank read its node's copy" in good.stderr, good.stderr[-3000:]
+
+    run_dir, cache = tmp_path / "run-copy", tmp_path / "cache-copy"
+    (cache / "run.json").write_text(json.dumps({"run_dir": str(run_dir)}))  # the copy belongs to the copied run dir
+    shard = cache / newest.name / shard.relative_to(newest)
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    spoilt = run_torchrun(2, [*FSDP_JOB, "--max-steps", "18", "--run-dir", str(run_dir), "--local-cache", str(cache)])
+    assert spoilt.returncode == 0, spoilt.stderr[-3000:]
+    log = spoilt.stderr
+    assert "again from the run dir, without the local cache" in log, log[-3000:]
+    assert f"resuming from {run_dir}/ckpt-g0001-s0000000012" in log, log[-3000:]
+    assert "skipping" not in log.lower(), log[-3000:]
+    assert "ckpt-g0002-s0000000018" in [p.name for p in cache.glob("ckpt-*")]
+    assert json.loads((run_dir / "ckpt-g0002-s0000000018" / "manifest.json").read_text())["model_digest"] == \
+        json.loads((tmp_path / "run" / "ckpt-g0002-s0000000018" / "manifest.json").read_text())["model_digest"]
