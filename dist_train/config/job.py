@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import yaml
 
@@ -33,6 +33,10 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    #: the keys a YAML file or a flag set (`resolve` fills it in); not a section, so not in config.yaml.
+    #: Empty for a config built in code: there an unset field is None.
+    given: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self, redact_secrets: bool = True) -> dict[str, dict[str, Any]]:
         """Nested plain dict; secret fields keep their keys but lose their values."""
@@ -172,6 +176,7 @@ def resolve(args: argparse.Namespace) -> JobConfig:
             raise UserError(f"invalid {key} ({flag_name(key)}): {problem}, got {shown}")
         setattr(getattr(config, section), key, value)
     _check_combinations(config)
+    config.given = frozenset(values)  # e.g. `--checkpoint-every none` on resume is a change, not "unset"
     return config
 
 

@@ -67,7 +67,8 @@ POLICY: dict[str, tuple[str, str]] = {
 }
 
 #: fields that are unset (None) unless given: a resume that leaves one unset keeps the checkpoint's
-#: value (nothing changed, so nothing is warned about); the run logs that it kept it
+#: value (nothing changed, so nothing is warned about); the run logs that it kept it. Given as
+#: `none` (flag or YAML: `JobConfig.given`), it is a change like any other
 KEPT_WHEN_UNSET = {"checkpoint_every", "checkpoint_every_min", "checkpoint_every_max"}
 
 #: fields whose new value the restored optimizer or scheduler must be told about
@@ -112,7 +113,7 @@ def reconcile(cfg: JobConfig, manifest: dict[str, Any] | None, optimizer, schedu
                         "or train into a new --run-dir (from this checkpoint with --resume URL: see "
                         "docs/configuration.md)")
     said, kept = [], []
-    for key in [k for k in changed if k in KEPT_WHEN_UNSET and changed[k][1] is None]:
+    for key in [k for k in changed if k in KEPT_WHEN_UNSET and changed[k][1] is None and k not in cfg.given]:
         theirs, _ = changed.pop(key)
         setattr(getattr(cfg, FIELDS[key][0]), key, theirs)
         kept.append(f"{flag_name(key)} not given on resume: keeping the checkpoint's {theirs!r} "

@@ -275,3 +275,22 @@ def test_a_resume_drops_the_lines_of_steps_it_redoes(tmp_path):
 def test_regression_outputs_that_do_not_match_the_targets_are_named():
     message = _error(nn.Linear(4, 3), "regression", REGRESSION)
     assert message.startswith("regression: the model's outputs (8, 3) do not match the targets (8,)")
+
+
+def test_checkpoint_every_given_as_none_on_resume_is_a_change_not_an_unset_flag():
+    import argparse
+
+    from dist_train.config.job import FIELDS, add_config_arguments, resolve
+    from dist_train.training.resume_flags import reconcile
+    old_cfg, optimizer, scheduler, _, _ = _optim(0.003)
+    section = FIELDS["checkpoint_every"][0]
+    setattr(getattr(old_cfg, section), "checkpoint_every", "3")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    for argv, kept in ((["--lr", "0.003"], "3"), (["--lr", "0.003", "--checkpoint-every", "none"], None)):
+        cfg = resolve(parser.parse_args(argv))
+        said = reconcile(cfg, {"config": old_cfg.to_dict()}, optimizer, scheduler, True)
+        assert getattr(cfg, section).checkpoint_every == kept, said
+        assert ("not given on resume" in said[0]) == (kept is not None), said
+    assert "changed on resume: '3' -> None" in said[0]
+    assert "given" not in cfg.to_dict()  # not a config section: config.yaml does not change
