@@ -39,6 +39,7 @@ REMOTE_RANGE = 16 * 2**20  # a ranged GET
 LOCAL_CONCURRENCY = 2  # ranges in flight per file: the one being hashed and one read ahead
 REMOTE_CONCURRENCY = 8  # like the multipart upload's parts in flight
 HEADER_PROBE = 256 * 2**10  # first read of a file: the whole header, usually
+OWN_COPY_BELOW = 2**20  # parse_in_place: smaller tensors get their own allocation
 _IOV_MAX = 1024
 
 
@@ -168,12 +169,13 @@ class _Reader:
         self.pool, self.concurrency, self.range_size = pool, concurrency, range_size
 
     def fill(self, source: _Source, start: int, views_of: Callable[[int, int], list[memoryview]],
-             digest: Any | None) -> None:
+             digest: Any | None, progress: Callable[[int], None] | None = None) -> None:
         """Read [start, size) of the file into `views_of(range)`; hash each range in order as it lands.
 
         Up to `concurrency` ranges are read ahead on the pool. A range whose read has not
         started when the hash cursor reaches it is read right here instead (a busy machine
         may not have run the pool's thread yet): the cursor never waits for a queue.
+        `progress(end)`, on this thread, each time the bytes up to `end` have landed (in order).
         """
         step = self.range_size or source.range_size
         ranges = iter(range(start, source.size, step))
@@ -200,6 +202,8 @@ class _Reader:
                 if digest is not None:
                     for view in views:
                         digest.update(view)
+                if progress is not None:
+                    progress(min(source.size, begin + step))
         finally:
             for _, _, future in pending:  # on failure: nothing may still write into memory we drop
                 if future is not None:
@@ -282,6 +286,42 @@ def parse_file(entry: dict[str, Any] | None, name: str, data: Any, tree: bool) -
                                        source=_BytesSource(name, data))
 
 
+def parse_in_place(entry: dict[str, Any] | None, name: str, buffer: torch.Tensor, tree: bool) -> LoadedFile:
+    """A file whose bytes were verified elsewhere, parsed as `parse_file` does, with the tensors as views
+    of `buffer` (a uint8 CPU tensor nobody else writes) instead of copies.
+
+    For a file received whole from the rank that read it (restore.py): the receive buffer is
+    already this rank's own fresh memory, so copying it into one allocation per tensor would
+    only double the memory touched. Small tensors (under `OWN_COPY_BELOW`: RNG states, step
+    counters) and any whose bytes are not aligned for their dtype still get their own copy:
+    some consumers (`torch.set_rng_state`) read a tensor's storage from its start, not from
+    the view's offset. The large ones share `buffer`'s memory, which lives as long as any of
+    them (an optimizer keeping its state keeps the file's buffer).
+    """
+    if entry is None:
+        raise CorruptCheckpoint(f"manifest does not list {name}")
+    size = buffer.numel()
+    if size != entry["size"]:
+        raise CorruptCheckpoint(f"file {name} is {size} bytes, manifest says {entry['size']}")
+    try:
+        layout = parse_layout(memoryview(buffer.numpy()), size)
+        tensors: dict[str, torch.Tensor] = {}
+        base = buffer.data_ptr()
+        for item in layout.entries:
+            if item.end == item.start:
+                tensors[item.name] = torch.empty(item.shape, dtype=item.dtype)
+                continue
+            raw = buffer[item.start:item.end]
+            if item.end - item.start < OWN_COPY_BELOW or (base + item.start) % item.dtype.itemsize:
+                raw = raw.clone()
+            if item.dtype == torch.bool and bool(raw.gt(1).any()):
+                raise FormatError("safetensors bool tensor holds a value other than 0 or 1")
+            tensors[item.name] = raw.view(item.dtype).view(item.shape)
+        return LoadedFile(name, layout.metadata, tensors, tree_from(layout.metadata, tensors) if tree else None)
+    except FormatError as exc:
+        raise CorruptCheckpoint(str(exc)) from None
+
+
 def read_files(folder: Storage, manifest: dict[str, Any], names: Sequence[str], verify_sha: bool = True,
                trees: Collection[str] = (), *, range_size: int | None = None,
                concurrency: int | None = None) -> dict[str, LoadedFile]:
@@ -316,8 +356,13 @@ def read_files(folder: Storage, manifest: dict[str, Any], names: Sequence[str], 
 
 
 def read_bytes(folder: Storage, manifest: dict[str, Any], name: str, verify_sha: bool = True, *,
-               range_size: int | None = None, concurrency: int | None = None) -> bytearray:
-    """One file's bytes, checked against the manifest (size, and sha256 when asked), not parsed."""
+               range_size: int | None = None, concurrency: int | None = None, into: Any = None,
+               progress: Callable[[int], None] | None = None) -> Any:
+    """One file's bytes, checked against the manifest (size, and sha256 when asked), not parsed.
+
+    `into`: writable memory of the file's size to read into (else a new bytearray); `progress(end)`
+    whenever the bytes up to `end` have landed, in order, before they are verified (a caller that
+    passes them on must not let them be used before `read_bytes` returns)."""
     entry = (manifest.get("files") or {}).get(name)
     if entry is None:
         raise CorruptCheckpoint(f"manifest does not list {name}")
@@ -326,12 +371,15 @@ def read_bytes(folder: Storage, manifest: dict[str, Any], name: str, verify_sha:
     try:
         if source.size != entry["size"]:
             raise CorruptCheckpoint(f"file {name} is {source.size} bytes, manifest says {entry['size']}")
-        data = bytearray(source.size)
-        whole = memoryview(data)
+        data = bytearray(source.size) if into is None else into
+        whole = memoryview(data).cast("B")
+        if len(whole) != source.size:
+            raise ValueError(f"read_bytes: {name} is {source.size} bytes, the destination {len(whole)}")
         digest = Verifier(name, entry) if verify_sha else None
         per_file = _concurrency(folder, concurrency)
         with cf.ThreadPoolExecutor(per_file, thread_name_prefix="ckpt-read") as pool:
-            _Reader(pool, per_file, range_size).fill(source, 0, lambda begin, end: [whole[begin:end]], digest)
+            _Reader(pool, per_file, range_size).fill(source, 0, lambda begin, end: [whole[begin:end]], digest,
+                                                     progress)
         _check_sha(source, entry, digest)
         return data
     finally:

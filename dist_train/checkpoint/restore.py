@@ -33,7 +33,7 @@ from dist_train.checkpoint import catalog
 from dist_train.checkpoint import manifest as mf
 from dist_train.checkpoint import resolver, state
 from dist_train.checkpoint.faults import describe_error
-from dist_train.checkpoint.reader import CorruptCheckpoint, LoadedFile, parse_file, read_bytes
+from dist_train.checkpoint.reader import CorruptCheckpoint, LoadedFile, parse_in_place, read_bytes
 from dist_train.checkpoint.state import Payload
 from dist_train.checkpoint.storage import Storage
 from dist_train.distributed.env import DistEnv
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from dist_train.checkpoint.manager import Check, CheckpointManager
 
 log = logging.getLogger("dist_train.checkpoint.manager")  # the resume lines keep the logger they always had
+PIECE = 32 * 2**20  # a broadcast: large enough to keep the exchange's overhead small, small enough to overlap
 
 
 def plan(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -65,45 +66,84 @@ def should_split(env: DistEnv, folder: Storage) -> bool:
     return env.world_size > 1 and env.backend is not None and not folder.is_local
 
 
+def exchange_order(sizes: dict[str, int], owners: dict[str, int], names: Sequence[str]) -> list[str]:
+    """The order the files are broadcast in (the same on every rank): by when their reader is done with
+    them (the bytes its rank reads up to and including the file, each rank reading its files in
+    `names` order), so a file small or early on one rank crosses the network while the others read."""
+    done_at: dict[str, int] = {}
+    read_by: dict[int, int] = {}
+    for name in names:
+        read_by[owners[name]] = read_by.get(owners[name], 0) + sizes[name]
+        done_at[name] = read_by[owners[name]]
+    return sorted(names, key=lambda n: (done_at[n], n))
+
+
+def pieces(size: int, piece: int = PIECE) -> list[tuple[int, int]]:
+    """The byte ranges a file crosses the network in (the same on every rank; one when it is small)."""
+    return [(begin, min(size, begin + piece)) for begin in range(0, size, piece)] or [(0, 0)]
+
+
 def read_files_split(env: DistEnv, folder: Storage, manifest: dict[str, Any], names: Sequence[str],
                      verify_sha: bool, trees: Collection[str] = ()) -> dict[str, LoadedFile]:
-    """`reader.read_files`, with each file read once per job (collective: every rank calls it alike)."""
+    """`reader.read_files`, with each file read once per job (collective: every rank calls it alike).
+
+    The reader of a file broadcasts it piece by piece (`pieces`, asynchronously) as the pieces land,
+    while it goes on reading and the other ranks read theirs: the network carries the checkpoint
+    while the store still serves it, and what is left when the last byte arrives is one piece.
+    Every rank receives straight into one buffer per file. The bytes are used (parsed, as views of
+    that buffer: `reader.parse_in_place`) only after every rank's verdict is known. A rank that met
+    a problem still sends every piece it owes (whatever its buffer holds), so the collectives stay
+    matched, and reads nothing more.
+    """
     import torch.distributed as dist
 
     files = manifest.get("files") or {}
     missing = [name for name in names if name not in files]
     if missing:
         raise CorruptCheckpoint(f"manifest does not list {missing[0]}")
-    owners = plan({name: int(files[name]["size"]) for name in names}, env.world_size)
-    raw: dict[str, Any] = {}
+    sizes = {name: int(files[name]["size"]) for name in names}
+    owners = plan(sizes, env.world_size)
+    device = env.collective_device
+    on_host = device.type == "cpu"
+    buffers: dict[str, torch.Tensor] = {}
+    works: list[Any] = []
     problem = None
-    for name in names:  # in `names` order: the first problem is the one a direct read reports
-        if owners[name] != env.rank:
+    for name in exchange_order(sizes, owners, names):
+        size, owner = sizes[name], owners[name]
+        ranges = pieces(size)
+        if owner != env.rank:
+            buffers[name] = buffer = torch.empty(size, dtype=torch.uint8, device=device)
+            works += [dist.broadcast(buffer[begin:end], src=owner, async_op=True) for begin, end in ranges]
             continue
-        try:
-            raw[name] = read_bytes(folder, manifest, name, verify_sha)
-        except CorruptCheckpoint as exc:
-            problem = str(exc)
-            break
-        except Exception as exc:  # noqa: BLE001 - unreadable: the checkpoint is skipped on every rank
-            problem = f"unreadable ({describe_error(exc)})"
-            break
+        host = torch.empty(size, dtype=torch.uint8)
+        buffers[name] = buffer = host if on_host else torch.empty(size, dtype=torch.uint8, device=device)
+        queue = list(ranges)
+
+        def send(upto: int, host=host, buffer=buffer, queue=queue, owner=owner) -> None:
+            while queue and queue[0][1] <= upto:
+                begin, end = queue.pop(0)
+                if not on_host:
+                    buffer[begin:end].copy_(host[begin:end])
+                works.append(dist.broadcast(buffer[begin:end], src=owner, async_op=True))
+
+        if problem is None:
+            try:
+                read_bytes(folder, manifest, name, verify_sha, into=host.numpy(), progress=send)
+            except CorruptCheckpoint as exc:
+                problem = str(exc)
+            except Exception as exc:  # noqa: BLE001 - unreadable: the checkpoint is skipped on every rank
+                problem = f"unreadable ({describe_error(exc)})"
+        send(size)  # what was not sent yet (all of it after a problem): the peers are waiting for it
+    for work in works:
+        work.wait()
     problems = [p for p in env.all_gather_objects(problem) if p]
     if problems:  # known to every rank before any byte is used
         raise CorruptCheckpoint(problems[0])
-    device = env.collective_device
     out: dict[str, LoadedFile] = {}
     for name in names:
-        size, owner = int(files[name]["size"]), owners[name]
-        if owner == env.rank:
-            buffer = torch.frombuffer(raw.pop(name), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-            buffer = buffer.to(device)
-        else:
-            buffer = torch.empty(size, dtype=torch.uint8, device=device)
-        dist.broadcast(buffer, src=owner)
-        data = buffer.cpu().numpy() if buffer.device.type != "cpu" or owner != env.rank else buffer.numpy()
-        out[name] = parse_file(files[name], name, data, name in trees)
-        del buffer, data
+        buffer = buffers.pop(name)
+        out[name] = parse_in_place(files[name], name, buffer if buffer.device.type == "cpu" else buffer.cpu(),
+                                   name in trees)
     return out
 
 
