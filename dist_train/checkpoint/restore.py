@@ -5,11 +5,13 @@ small entries of a sharded checkpoint). Read on every rank, an N-rank restore pu
 times the checkpoint from the store and hashes it N times. Here the files are planned
 over the ranks (`plan`: each file to one rank, largest first to the least loaded rank, so
 the split is even, disjoint and covering); each rank reads and verifies (sha256) only its
-files; a verification problem on any rank is gathered before anything is exchanged, so
-every rank raises the same `CorruptCheckpoint` and the caller falls back to the next
-candidate as before; then every file is broadcast from its reader as a uint8 tensor (on
-the collective device: CUDA under nccl, the CPU under gloo) and parsed on every rank by
-the same parser the direct read uses (`reader.parse_file`), so the state is bit-identical.
+files, and broadcasts each as a uint8 tensor (on the collective device: CUDA under nccl,
+the CPU under gloo) piece by piece while it lands (`pieces`, `exchange_order`), so the
+exchange runs while the store still serves the rest. A verification problem on any rank is
+gathered before any byte is used, so every rank raises the same `CorruptCheckpoint` and
+the caller falls back to the next candidate as before; then every rank parses each file
+with the same strict layout checks the direct read uses (`reader.parse_in_place`, the
+tensors as views of the received buffer), so the state is bit-identical.
 
 `choose` is the manager's restore path around it: rank 0 proposes candidates newest first
 (`locate`, the resolver), every rank reads (`read`: this node's local cache first,
