@@ -225,4 +225,10 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
         serve()
     else:
-        raise SystemExit(run_cli(sys.argv[1:]))
+        status = run_cli(sys.argv[1:])
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            # as the real entry point (dist_train.cli.main.run): a torchrun worker leaves with os._exit,
+            # else gloo's C++ destructors at interpreter exit abort now and then ("terminate called")
+            from dist_train.errors import exit_now
+            exit_now(status)
+        raise SystemExit(status)
