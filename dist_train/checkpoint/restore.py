@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from dist_train.checkpoint.manager import Check, CheckpointManager
 
 log = logging.getLogger("dist_train.checkpoint.manager")  # the resume lines keep the logger they always had
-PIECE = 32 * 2**20  # a broadcast: large enough to keep the exchange's overhead small, small enough to overlap
+PIECE = 16 * 2**20  # a broadcast: one ranged GET (reader.REMOTE_RANGE); what is left after the last byte lands
 
 
 def plan(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -68,16 +68,22 @@ def should_split(env: DistEnv, folder: Storage) -> bool:
     return env.world_size > 1 and env.backend is not None and not folder.is_local
 
 
-def exchange_order(sizes: dict[str, int], owners: dict[str, int], names: Sequence[str]) -> list[str]:
-    """The order the files are broadcast in (the same on every rank): by when their reader is done with
-    them (the bytes its rank reads up to and including the file, each rank reading its files in
-    `names` order), so a file small or early on one rank crosses the network while the others read."""
-    done_at: dict[str, int] = {}
+def exchange_order(sizes: dict[str, int], owners: dict[str, int], names: Sequence[str],
+                   piece: int = PIECE) -> list[tuple[str, int, int]]:
+    """The pieces (file, begin, end) in the order they cross the network, the same on every rank: by when
+    their reader has them (the bytes its rank has read up to the piece's end, each rank reading its files
+    in `names` order; ties: lower owner rank). The ranks read side by side at about the same rate, so
+    each rank's pieces go out as they land, interleaved with the others': no file waits for another
+    rank to finish its reading (collectives match by call order, so the order must be shared)."""
+    order: list[tuple[int, int, str, int, int]] = []
     read_by: dict[int, int] = {}
     for name in names:
-        read_by[owners[name]] = read_by.get(owners[name], 0) + sizes[name]
-        done_at[name] = read_by[owners[name]]
-    return sorted(names, key=lambda n: (done_at[n], n))
+        owner = owners[name]
+        base = read_by.get(owner, 0)
+        order += [(base + end, owner, name, begin, end) for begin, end in pieces(sizes[name], piece)]
+        read_by[owner] = base + sizes[name]
+    order.sort(key=lambda p: (p[0], p[1]))  # stable: a rank's pieces keep its reading order
+    return [(name, begin, end) for _, _, name, begin, end in order]
 
 
 def pieces(size: int, piece: int = PIECE) -> list[tuple[int, int]]:
@@ -89,13 +95,14 @@ def read_files_split(env: DistEnv, folder: Storage, manifest: dict[str, Any], na
                      verify_sha: bool, trees: Collection[str] = ()) -> dict[str, LoadedFile]:
     """`reader.read_files`, with each file read once per job (collective: every rank calls it alike).
 
-    The reader of a file broadcasts it piece by piece (`pieces`, asynchronously) as the pieces land,
-    while it goes on reading and the other ranks read theirs: the network carries the checkpoint
-    while the store still serves it, and what is left when the last byte arrives is one piece.
-    Every rank receives straight into one buffer per file. The bytes are used (parsed, as views of
-    that buffer: `reader.parse_in_place`) only after every rank's verdict is known. A rank that met
-    a problem still sends every piece it owes (whatever its buffer holds), so the collectives stay
-    matched, and reads nothing more.
+    The reader of a file broadcasts it piece by piece (asynchronously) as the pieces land, in the
+    shared `exchange_order`, while it goes on reading and the other ranks read theirs: the network
+    carries the checkpoint while the store still serves it, and what is left when the last byte
+    arrives is about one piece. Every rank receives straight into one buffer per file (the reader
+    reads straight into the buffer it sends). The bytes are used (parsed, as views of that buffer:
+    `reader.parse_in_place`) only after every rank's verdict is known. A rank that met a problem
+    still sends every piece it owes (whatever its buffer holds), so the collectives stay matched,
+    and reads nothing more.
     """
     import torch.distributed as dist
 
@@ -107,35 +114,45 @@ def read_files_split(env: DistEnv, folder: Storage, manifest: dict[str, Any], na
     owners = plan(sizes, env.world_size)
     device = env.collective_device
     on_host = device.type == "cpu"
-    buffers: dict[str, torch.Tensor] = {}
+    mine = [name for name in names if owners[name] == env.rank]
+    hosts = {name: torch.empty(sizes[name], dtype=torch.uint8) for name in mine}
+    buffers = {name: hosts[name] if name in hosts and on_host else torch.empty(sizes[name], dtype=torch.uint8,
+                                                                                 device=device) for name in names}
+    order = exchange_order(sizes, owners, names, PIECE)
+    landed = {name: 0 for name in mine}  # bytes of each of this rank's files read so far (in order)
     works: list[Any] = []
-    problem = None
-    for name in exchange_order(sizes, owners, names):
-        size, owner = sizes[name], owners[name]
-        ranges = pieces(size)
-        if owner != env.rank:
-            buffers[name] = buffer = torch.empty(size, dtype=torch.uint8, device=device)
-            works += [dist.broadcast(buffer[begin:end], src=owner, async_op=True) for begin, end in ranges]
-            continue
-        host = torch.empty(size, dtype=torch.uint8)
-        buffers[name] = buffer = host if on_host else torch.empty(size, dtype=torch.uint8, device=device)
-        queue = list(ranges)
+    cursor = 0
 
-        def send(upto: int, host=host, buffer=buffer, queue=queue, owner=owner) -> None:
-            while queue and queue[0][1] <= upto:
-                begin, end = queue.pop(0)
+    def post() -> None:
+        """Every piece up to the next one this rank has not read yet (receives are posted at once)."""
+        nonlocal cursor
+        while cursor < len(order):
+            name, begin, end = order[cursor]
+            if name in landed:
+                if landed[name] < end:
+                    return
                 if not on_host:
-                    buffer[begin:end].copy_(host[begin:end])
-                works.append(dist.broadcast(buffer[begin:end], src=owner, async_op=True))
+                    buffers[name][begin:end].copy_(hosts[name][begin:end])
+            works.append(dist.broadcast(buffers[name][begin:end], src=owners[name], async_op=True))
+            cursor += 1
 
+    def progress(name: str, upto: int) -> None:
+        landed[name] = upto
+        post()
+
+    post()
+    problem = None
+    for name in mine:  # in `names` order: the first problem is the one a direct read reports
         if problem is None:
             try:
-                read_bytes(folder, manifest, name, verify_sha, into=host.numpy(), progress=send)
+                read_bytes(folder, manifest, name, verify_sha, into=hosts[name].numpy(),
+                           progress=lambda upto, name=name: progress(name, upto))
             except CorruptCheckpoint as exc:
                 problem = str(exc)
             except Exception as exc:  # noqa: BLE001 - unreadable: the checkpoint is skipped on every rank
                 problem = f"unreadable ({describe_error(exc)})"
-        send(size)  # what was not sent yet (all of it after a problem): the peers are waiting for it
+        progress(name, sizes[name])  # what was not sent yet (all of it after a problem): the peers wait for it
+    post()
     for work in works:
         work.wait()
     problems = [p for p in env.all_gather_objects(problem) if p]
@@ -161,11 +178,35 @@ def read_payload(env: DistEnv, folder: Storage, manifest: dict[str, Any], verify
     return Payload(manifest, {name: f.tensors if name == state.MODEL else f.tree for name, f in loaded.items()})
 
 
+def warm_up(env: DistEnv, storage: Storage) -> None:
+    """On ranks other than 0, open this process's connection to the store in the background (one cheap
+    request), while rank 0 lists the run dir and proposes a candidate.
+
+    The S3 client and its connection are made at a process's first request: ~0.1-0.17 s here
+    (SeaweedFS on loopback). Rank 0 pays it in its listing; without this every other rank pays it
+    again at its first ranged GET of a split read, after the candidate is known: on the 2-rank
+    restore's critical path, about 15% of a 1 s restore (docs/checkpoint-loading.md). No data byte
+    is read (a HEAD of a name that does not exist); a failure is left to the real reads to report.
+    """
+    if env.world_size <= 1 or env.is_rank0 or storage.is_local:
+        return
+    import threading
+
+    def touch() -> None:
+        try:
+            storage.exists(".dist-train-warm-up")
+        except Exception:  # noqa: BLE001 - only a warm-up: the reads that follow report any trouble
+            pass
+
+    threading.Thread(target=touch, name="ckpt-warm-up", daemon=True).start()
+
+
 # -- choosing the checkpoint to restore (the manager's restore path) ---------------------------------
 
 def choose(mgr: "CheckpointManager", source: str, check: "Check | None") -> Payload | None:
     """Rank 0 proposes candidates newest first; every rank reads and verifies; all agree (collective)."""
     env = mgr.env
+    warm_up(env, mgr.storage)  # the other ranks' first request to the store, while rank 0 lists
     error, located = None, None
     if env.is_rank0:
         try:

@@ -1,5 +1,5 @@
-"""The exchange of a split restore: the order and pieces files cross the network in, and the in-place parse
-of what was received (the same tensors as the direct read, shared memory only where it is safe)."""
+"""The exchange of a split restore: the pieces files cross the network in (their order: test_restore_plan.py),
+and the in-place parse of what was received (the same tensors as the direct read, shared memory only where safe)."""
 
 from __future__ import annotations
 
@@ -10,26 +10,17 @@ import torch
 
 from dist_train.checkpoint.digest import CorruptCheckpoint
 from dist_train.checkpoint.reader import OWN_COPY_BELOW, parse_file, parse_in_place, read_bytes
-from dist_train.checkpoint.restore import exchange_order, pieces, plan
+from dist_train.checkpoint.restore import PIECE, pieces
 from dist_train.checkpoint.serialization import tensor_file
 from dist_train.checkpoint.storage import Storage
 
 
-def test_files_cross_in_the_order_their_readers_finish_them():
-    sizes = {"optimizer.safetensors": 2000, "model.safetensors": 1000, "rng.safetensors": 10, "trainer.safetensors": 5}
-    owners = plan(sizes, 2)
-    order = exchange_order(sizes, owners, sorted(sizes))
-    # rank 1 reads model (1000), then rng (1010), then trainer (1015); rank 0 the optimizer (2000)
-    assert order == ["model.safetensors", "rng.safetensors", "trainer.safetensors", "optimizer.safetensors"]
-    assert exchange_order(sizes, owners, sorted(sizes)) == order  # the same on every rank
-
-
-@pytest.mark.parametrize("size", [0, 1, 32 * 2**20, 32 * 2**20 + 1, 100 * 2**20])
+@pytest.mark.parametrize("size", [0, 1, PIECE, PIECE + 1, 5 * PIECE + 3])
 def test_pieces_cover_a_file_once_in_order(size):
     ranges = pieces(size)
     assert ranges[0][0] == 0 and ranges[-1][1] == size
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert all(end - begin <= 32 * 2**20 for begin, end in ranges)
+    assert all(end - begin <= PIECE for begin, end in ranges)
 
 
 def _file(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
