@@ -10,6 +10,7 @@ catalog's manifest.json reads on rank 0; listings are not GETs of objects).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -33,11 +34,7 @@ def _manifest(client, bucket: str, folder: str) -> dict:
 @pytest.mark.timeout(300)
 def test_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on_one_rank(s3_env, s3_bucket,
                                                                                           moto_endpoint):
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto_endpoint)
-    url = f"s3://{s3_bucket}/run"
-    train = ["train", "--run-dir", url, *TINY, "--checkpoint-every", "4", "--deterministic"]
+    client, train = _client_and_job(s3_bucket, moto_endpoint)
     # The reference: an uninterrupted 2-rank run of 12 steps (commits 4, 8, 12); then, as if the job
     # died after the commit of step 8, the newest checkpoint goes ...
     folders, reference = _three_commits_without_the_newest(client, s3_bucket, train, s3_env)
@@ -53,10 +50,7 @@ def test_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on
     assert skips and victim in skips[0], output[-3000:]  # found by rank 1 alone, skipped by both
     assert "step 4," in output and "resuming from" in output, output[-3000:]
     # Bit-identical to the uninterrupted run, on every rank (DDP's final model is rank-wide).
-    after = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")} - set(folders),
-                   key=lambda name: int(name.rsplit("-s", 1)[-1]))
-    assert after and after[-1].endswith("s0000000012"), after
-    assert _manifest(client, s3_bucket, f"run/{after[-1]}")["model_digest"] == reference
+    _assert_the_run_ends_like_the_reference(client, s3_bucket, folders, reference)
 
     def read_of(folder: str) -> dict[str, int]:
         return {name: got.get(f"/{s3_bucket}/run/{folder}/{name}", 0) for name in _objects_in(folder)}
@@ -89,11 +83,7 @@ def test_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on
 @pytest.mark.timeout(300)
 def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corrupt_on_one_rank(s3_env, s3_bucket,
                                                                                                moto_endpoint):
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto_endpoint)
-    url = f"s3://{s3_bucket}/run"
-    train = ["train", "--run-dir", url, *TINY, "--parallelism", "fsdp", "--checkpoint-every", "4", "--deterministic"]
+    client, train = _client_and_job(s3_bucket, moto_endpoint, "--parallelism", "fsdp")
     folders, reference = _three_commits_without_the_newest(client, s3_bucket, train, s3_env)
     step4, step8, _ = folders
     # step 8: rank 1's model shard is damaged (rank 1 reads and verifies it; rank 0 never touches it)
@@ -106,10 +96,7 @@ def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corru
     skips = [line for line in output.splitlines() if "skipping checkpoint" in line and step8 in line]
     assert skips and victim in skips[0], output[-3000:]
     assert "resuming from" in output and f"{step4}" in output.split("resuming from", 1)[1][:300], output[-3000:]
-    after = sorted({key.split("/")[1] for key in _objects(client, s3_bucket, "run/ckpt-")} - set(folders),
-                   key=lambda name: int(name.rsplit("-s", 1)[-1]))
-    assert after and after[-1].endswith("s0000000012"), after
-    assert _manifest(client, s3_bucket, f"run/{after[-1]}")["model_digest"] == reference
+    _assert_the_run_ends_like_the_reference(client, s3_bucket, folders, reference)
 
     def read_of(folder: str, names) -> dict[str, int]:
         return {name: got.get(f"/{s3_bucket}/run/{folder}/{name}", 0) for name in names}
@@ -121,6 +108,23 @@ def test_fsdp_two_rank_restore_reads_each_byte_once_and_skips_a_checkpoint_corru
     read8 = read_of(step8, sizes8)
     assert all(read8[n] <= sizes8[n] for n in sizes8), (read8, sizes8)
     assert read8[victim] == sizes8[victim]
+
+
+def _client_and_job(bucket: str, endpoint: str, *extra: str) -> tuple[Any, list[str]]:
+    """A boto3 client of the moto server and the 2-rank job (commits every 4 steps) into s3://bucket/run."""
+    import boto3
+
+    train = ["train", "--run-dir", f"s3://{bucket}/run", *TINY, *extra, "--checkpoint-every", "4", "--deterministic"]
+    return boto3.client("s3", endpoint_url=endpoint), train
+
+
+def _assert_the_run_ends_like_the_reference(client, bucket: str, folders: list[str], reference: str) -> None:
+    """The resumed run's newest checkpoint is step 12's, with the uninterrupted run's model digest
+    (bit-identical on every rank: the digest covers the whole model)."""
+    after = sorted({key.split("/")[1] for key in _objects(client, bucket, "run/ckpt-")} - set(folders),
+                   key=lambda name: int(name.rsplit("-s", 1)[-1]))
+    assert after and after[-1].endswith("s0000000012"), after
+    assert _manifest(client, bucket, f"run/{after[-1]}")["model_digest"] == reference
 
 
 def _three_commits_without_the_newest(client, bucket: str, train: list[str], s3_env) -> tuple[list[str], str]:
