@@ -42,6 +42,11 @@ def checkpoint_name(generation: int, step: int) -> str:
     return f"ckpt-g{generation:04d}-s{step:010d}"
 
 
+def folder_name(url: str) -> str:
+    """The last part of a checkpoint folder's URL (its name in the run dir and in a node's cache)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def parse_name(name: str) -> CheckpointRef | None:
     match = _NAME.match(name)
     return CheckpointRef(int(match.group(1)), int(match.group(2)), name) if match else None

@@ -39,6 +39,7 @@ import torch
 
 from dist_train.checkpoint import digest
 from dist_train.checkpoint.serialization import MAX_HEADER, SKELETON_KEY, _DTYPES, FormatError, unflatten
+from dist_train.checkpoint.restore import plan  # one split of whole files between readers
 from dist_train.checkpoint.sharded import CHUNKS_KEY, OBJECTS_KEY, SHARDED_FIELD, SHARDS, is_sharded
 from dist_train.checkpoint.storage import Storage
 
@@ -338,10 +339,7 @@ def verifiers(manifest: dict[str, Any], names: list[str], world_size: int) -> di
             if 0 <= rank < world_size:
                 owners[name] = rank
                 load[rank] += sizes[name]
-    for name in sorted((n for n in names if n not in owners), key=lambda n: (-sizes[n], n)):
-        rank = min(range(len(load)), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += sizes[name]
+    owners.update(plan({n: sizes[n] for n in names if n not in owners}, world_size, load))
     return owners
 
 

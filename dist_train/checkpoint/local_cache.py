@@ -141,10 +141,7 @@ class LocalCache:
             return None
         entries = manifest.get("files") or {}
         for rel in files if files is not None else sorted(entries):
-            try:
-                size = os.path.getsize(os.path.join(path, rel)) if mf.safe_relative_name(rel) else None
-            except OSError:
-                size = None
+            size = _held_size(path, rel)
             if rel not in entries or size != int(entries[rel]["size"]):
                 log.warning("local cache %s: ignored %s, its %s %s", self.folder, name, rel,
                             "is missing" if size is None else "differs in size from the run dir's")
@@ -161,10 +158,7 @@ class LocalCache:
             return None
         served = set()
         for rel in files:
-            try:
-                size = os.path.getsize(os.path.join(path, rel)) if mf.safe_relative_name(rel) else None
-            except OSError:
-                size = None
+            size = _held_size(path, rel)
             if rel in entries and size == int(entries[rel]["size"]):
                 served.add(rel)
         if len(served) < len(files):
@@ -233,6 +227,16 @@ class CacheOverlay:
 
     def __getattr__(self, name: str) -> Any:  # url, display_url, listing: the run dir's
         return getattr(self.run_dir, name)
+
+
+def _held_size(path: str, rel: str) -> int | None:
+    """The size of a copy's file, None when it is missing or its name could leave the copy."""
+    if not mf.safe_relative_name(rel):
+        return None
+    try:
+        return os.path.getsize(os.path.join(path, rel))
+    except OSError:
+        return None
 
 
 def _size(content: Any) -> int:

@@ -46,7 +46,7 @@ class Located:
 
 def is_checkpoint_url(target: Storage) -> bool:
     """A folder holding a manifest, or named like a checkpoint (then a missing manifest is its fault)."""
-    name = target.url().rstrip("/").rsplit("/", 1)[-1]
+    name = catalog.folder_name(target.url())
     return catalog.parse_name(name) is not None or target.exists(mf.MANIFEST)
 
 
@@ -100,7 +100,7 @@ def mark_corrupt(located: Located | None, url: str, reason: str) -> None:
     so retention and `ckpt list/prune` know it is not history. Best effort: a failure is logged."""
     if located is None or located.explicit:
         return
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    name = catalog.folder_name(url)
     if catalog.parse_name(name) is None:
         return
     try:

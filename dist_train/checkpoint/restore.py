@@ -48,12 +48,13 @@ log = logging.getLogger("dist_train.checkpoint.manager")  # the resume lines kee
 PIECE = 16 * 2**20  # a broadcast: one ranged GET (reader.REMOTE_RANGE); what is left after the last byte lands
 
 
-def plan(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+def plan(sizes: dict[str, int], world_size: int, loads: Sequence[int] = ()) -> dict[str, int]:
     """Owner rank of each file: largest first to the least-loaded rank (ties: lowest rank), deterministic.
 
-    Every rank computes the same plan from the manifest, so no plan is exchanged.
+    Every rank computes the same plan from the manifest, so no plan is exchanged. `loads`: bytes
+    each rank already has to read (files given to it otherwise), zero by default.
     """
-    loads = [(0, rank) for rank in range(max(1, world_size))]
+    loads = [(loads[rank] if rank < len(loads) else 0, rank) for rank in range(max(1, world_size))]
     heapq.heapify(loads)
     owners: dict[str, int] = {}
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
@@ -292,7 +293,7 @@ def _read_candidate(mgr: "CheckpointManager", url: str, manifest: dict[str, Any]
     except Exception as exc:  # noqa: BLE001 - unreadable: treat as invalid, try the next
         problem = f"unreadable ({describe_error(exc)})"
     if problem and served:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
+        name = catalog.folder_name(url)
         log.warning("local cache: dropped this rank's cached files of %s (%s)", name, problem)
         mgr.cache.discard_files(name, served)
     return problem, payload, env.all_gather_objects((problem, mgr.restored_from_cache, bool(served)))
@@ -323,7 +324,7 @@ def cached_shares(mgr: "CheckpointManager", url: str, manifest: dict[str, Any],
     small = [state.file_name(n) for n in state.entry_names(manifest) if n not in ("model", "optimizer")]
     owners = plan({n: int(files[n]["size"]) for n in small}, env.world_size)
     mine += [n for n in small if owners[n] == env.rank]
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    name = catalog.folder_name(url)
     overlay = mgr.cache.overlay(name, manifest, run_dir, sorted(mine))
     if overlay is None:
         return CacheOverlay(run_dir, run_dir, set()), set()
@@ -363,7 +364,7 @@ def read(mgr: "CheckpointManager", folder: Storage, manifest: dict[str, Any]) ->
 
 def read_cached(mgr: "CheckpointManager", url: str, manifest: dict[str, Any]) -> Payload | None:
     """This node's cached copy of the chosen checkpoint, verified while read; None: read the run dir."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    name = catalog.folder_name(url)
     folder = mgr.cache.lookup(name, manifest) if mgr.cache is not None else None
     if folder is None:
         return None
